@@ -1,0 +1,125 @@
+"""Checkpoints that execute nothing when loaded, written atomically.
+
+A checkpoint is one safetensors file: tensors for the model (weights and input scaling), the
+optimizer state and the random-number generators, and a JSON header (``__metadata__``) with the
+configs and the training position. safetensors parses a length-prefixed JSON header and raw
+buffers, so a planted pickle is simply an invalid file: nothing in it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+__all__ = ["CheckpointError", "atomic_write_bytes", "save_checkpoint", "load_checkpoint",
+           "save_npz", "load_npz", "write_json"]
+
+FORMAT = "moeae-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or run file is missing, truncated, corrupt or of another format."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old file or the new, never a part:
+    a temporary file beside the target, flushed and fsynced, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode())
+
+
+def save_checkpoint(path, *, model: dict[str, torch.Tensor], optimizer: dict | None = None,
+                    rng: dict[str, torch.Tensor] | None = None,
+                    extra_tensors: dict[str, torch.Tensor] | None = None,
+                    meta: dict | None = None) -> None:
+    """Save tensors under prefixes ``model.``, ``optim.``, ``rng.``, ``extra.`` and ``meta``
+    (JSON-serialisable) in the header."""
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in model.items():
+        tensors[f"model.{k}"] = v
+    header: dict[str, Any] = {"format": FORMAT, "meta": meta or {}}
+    if optimizer is not None:
+        # Adam's state: per parameter index, tensors (step, exp_avg, exp_avg_sq).
+        for idx, st in optimizer["state"].items():
+            for key, val in st.items():
+                tensors[f"optim.{idx}.{key}"] = torch.as_tensor(val)
+        header["param_groups"] = optimizer["param_groups"]
+    for k, v in (rng or {}).items():
+        tensors[f"rng.{k}"] = v
+    for k, v in (extra_tensors or {}).items():
+        tensors[f"extra.{k}"] = v
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    data = st_save(tensors, metadata={"moeae": json.dumps(header)})
+    atomic_write_bytes(path, data)
+
+
+def load_checkpoint(path) -> dict[str, Any]:
+    """Inverse of :func:`save_checkpoint`: a dict with ``model``, ``optimizer`` (or None),
+    ``rng``, ``extra`` and ``meta``. Raises :class:`CheckpointError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    data = path.read_bytes()
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len])
+        info = json.loads(header["__metadata__"]["moeae"])
+    except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a moeae "
+                              f"checkpoint ({type(exc).__name__}: {exc})") from None
+    if info.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has unknown format {info.get('format')!r}")
+    out: dict[str, Any] = {"model": {}, "rng": {}, "extra": {}, "meta": info["meta"],
+                           "optimizer": None}
+    ostate: dict[int, dict] = {}
+    for name, t in tensors.items():
+        prefix, _, rest = name.partition(".")
+        if prefix == "optim":
+            idx, _, key = rest.partition(".")
+            ostate.setdefault(int(idx), {})[key] = t
+        elif prefix in ("model", "rng", "extra"):
+            out[prefix][rest] = t
+    if "param_groups" in info:
+        out["optimizer"] = {"state": ostate, "param_groups": info["param_groups"]}
+    return out
+
+
+def save_npz(path, arrays: dict[str, np.ndarray]) -> None:
+    """Atomic ``np.savez_compressed`` (plain arrays only, loadable without pickle)."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_npz(path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None

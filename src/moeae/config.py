@@ -1,0 +1,96 @@
+"""Configuration as data: the model, the training loop, and the named recipes.
+
+A run folder stores these dataclasses as JSON (``config.json``), so a result can be rerun from
+its folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ModelConfig", "TrainConfig", "RECIPES", "recipe", "to_dict", "from_dict"]
+
+
+@dataclass
+class ModelConfig:
+    n_features: int = 2  # d: width of the data
+    latent_dim: int = 1  # k: coordinates per chart
+    n_experts: int = 4  # E: experts (charts) per model
+    width: int = 100  # hidden units of every MLP (router, encoders, decoders)
+    depth: int = 4  # hidden layers of every MLP
+    dropout: float = 0.1  # dropout after each hidden layer
+    output_dropout: bool = True  # seed quirk: dropout also on latents, outputs and router logits
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5  # passes over the training set
+    batch_size: int = 32  # points per step
+    lr: float = 1e-3  # Adam learning rate (peak, if a schedule is set)
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW) when > 0
+    schedule: str = "constant"  # "constant" | "cosine" (per step, after warmup)
+    warmup_epochs: float = 0.0  # linear warmup of the learning rate
+    grad_clip: float | None = None  # clip the global gradient norm of each model to this
+    router_loss_weight: float = 1.0  # seed's loss: MSE(batch-mean router logits, 0)
+    routing: str = "soft"  # "soft": the seed's blend | "responsibility": see training.py
+    tau_start: float = 1.0  # responsibility temperature at the start (relative to mean error)
+    tau_end: float = 0.01  # ... and at the end, annealed geometrically
+    balance_weight: float = 0.0  # Switch-style load-balancing loss weight
+    spectral_init: bool = False  # start routing from a spectral embedding + k-means
+    warm_start_epochs: int = 0  # epochs of router-only fit to the initial charts
+    standardize: bool = False  # centre inputs and divide by one overall scale
+    input_noise: float = 0.0  # Gaussian noise on (standardized) training inputs
+    drop_unused: bool = False  # record charts used by < 1% of training points as unused
+    seed: int = 0  # initialisation, shuffling, dropout
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+
+
+def _seed_recipe() -> tuple[ModelConfig, TrainConfig]:
+    return ModelConfig(), TrainConfig()
+
+
+def _best_recipe() -> tuple[ModelConfig, TrainConfig]:
+    model = ModelConfig(width=64, depth=3, dropout=0.0, output_dropout=False)
+    train = TrainConfig(
+        epochs=60, batch_size=64, lr=3e-3, schedule="cosine", warmup_epochs=1,
+        router_loss_weight=0.0, routing="responsibility", tau_start=1.0, tau_end=1e-3,
+        spectral_init=True, warm_start_epochs=0, standardize=True,
+    )
+    return model, train
+
+
+RECIPES = {"seed": _seed_recipe, "best": _best_recipe}
+
+
+def recipe(name: str, **overrides: Any) -> tuple[ModelConfig, TrainConfig]:
+    """The named recipe's configs, with fields overridden by keyword (model or train fields)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(RECIPES)}")
+    model, train = RECIPES[name]()
+    mfields = {f.name for f in dataclasses.fields(ModelConfig)}
+    tfields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in mfields:
+            setattr(model, key, value)
+        elif key in tfields:
+            setattr(train, key, value)
+        else:
+            raise TypeError(f"unknown setting {key!r}")
+    return model, train
+
+
+def to_dict(model: ModelConfig, train: TrainConfig, **extra: Any) -> dict:
+    return {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train), **extra}
+
+
+def from_dict(d: dict) -> tuple[ModelConfig, TrainConfig]:
+    """Inverse of :func:`to_dict`; unknown keys are an error (a newer or corrupt config)."""
+    try:
+        return ModelConfig(**d["model"]), TrainConfig(**d["train"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"config is incomplete or has unknown fields: {exc}") from None
+

@@ -1,0 +1,141 @@
+"""Reading and checking user data: ``.npy`` and ``.csv`` files, and arrays from Python.
+
+Every failure is a :class:`DataError` (a ``ValueError``) whose message names the file and the
+fault: missing, empty, not numeric, ragged, NaN, inf, complex, object (pickled), wrong shape.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DataError", "load_array", "check_data", "save_array"]
+
+
+class DataError(ValueError):
+    """Input data that cannot be used, with a message naming where and why."""
+
+
+def check_data(X, where: str = "input", *, n_features: int | None = None,
+               min_samples: int = 1) -> np.ndarray:
+    """Validate a 2-D real, finite array; return it as float64.
+
+    ``where`` names the source in messages (a file name, or "X").
+    """
+    X = np.asarray(X)
+    if X.dtype == object:
+        raise DataError(f"{where}: object array (pickled Python objects) is not numeric data")
+    if np.iscomplexobj(X):
+        raise DataError(f"{where}: complex values are not supported (dtype {X.dtype})")
+    if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+        raise DataError(f"{where}: not numeric (dtype {X.dtype})")
+    if X.ndim == 1:
+        raise DataError(f"{where}: expected a 2-D array (samples x features), got 1-D shape "
+                        f"{X.shape}; reshape with X.reshape(-1, 1) for one feature")
+    if X.ndim != 2:
+        raise DataError(f"{where}: expected a 2-D array (samples x features), got shape "
+                        f"{X.shape}")
+    if X.shape[0] < min_samples or X.shape[1] == 0:
+        raise DataError(f"{where}: empty data, shape {X.shape} (need >= {min_samples} "
+                        "samples and >= 1 feature)")
+    X = X.astype(np.float64)
+    bad = ~np.isfinite(X)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        kind = "NaN" if np.isnan(X[i, j]) else "inf"
+        raise DataError(f"{where}: {kind} at row {i}, column {j} ({int(bad.sum())} non-finite "
+                        "values in all)")
+    if n_features is not None and X.shape[1] != n_features:
+        raise DataError(f"{where}: has {X.shape[1]} features (columns) but the model expects "
+                        f"{n_features}")
+    return X
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    with path.open(newline="") as f:
+        text = f.read()
+    rows = [r for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise DataError(f"{path}: empty file (no data rows)")
+
+    def parse(row):
+        return [float(c) for c in row]
+
+    start = 0
+    try:
+        parse(rows[0])
+    except ValueError:
+        start = 1  # a header line
+    if start == len(rows):
+        raise DataError(f"{path}: has a header but no data rows")
+    width = len(rows[start])
+    values = []
+    for lineno, row in enumerate(rows[start:], start=start + 1):
+        if len(row) != width:
+            raise DataError(f"{path}: ragged rows: line {lineno} has {len(row)} values, "
+                            f"expected {width}")
+        try:
+            values.append(parse(row))
+        except ValueError:
+            bad = next(c for c in row if not _is_float(c))
+            raise DataError(f"{path}: line {lineno}: non-numeric value {bad.strip()!r}") from None
+    return np.array(values, dtype=np.float64)
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def load_array(path, *, n_features: int | None = None, min_samples: int = 1) -> np.ndarray:
+    """Load a 2-D numeric array from ``.npy`` (no pickles) or ``.csv`` (header optional)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a .npy or .csv file")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file")
+        try:
+            X = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            if "allow_pickle" in str(exc):
+                raise DataError(f"{path}: object array (pickled Python objects) refused; save "
+                                "plain numbers with np.save") from None
+            raise DataError(f"{path}: not a valid .npy file ({exc})") from None
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{path}: not a valid .npy file ({exc})") from None
+    elif suffix in (".csv", ".txt"):
+        try:
+            X = _read_csv(path)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not a text CSV file") from None
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .npy or .csv")
+    return check_data(X, str(path), n_features=n_features, min_samples=min_samples)
+
+
+def save_array(path, X: np.ndarray, header: list[str] | None = None) -> None:
+    """Write ``.npy`` or ``.csv`` (by suffix) atomically."""
+    import io
+
+    from .checkpoint import atomic_write_bytes
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    buf = io.BytesIO()
+    if suffix == ".npy":
+        np.save(buf, np.asarray(X))
+    elif suffix in (".csv", ".txt"):
+        np.savetxt(buf, np.asarray(X), delimiter=",", fmt="%.9g",
+                   header=",".join(header) if header else "", comments="")
+    else:
+        raise DataError(f"{path}: unsupported output type {suffix!r}; use .npy or .csv")
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,214 @@
+"""Data sets with a known parametrisation.
+
+Every generator returns ``(X, t)``: ``X`` of shape ``(n_samples, n_features)`` (float64) and the
+true manifold parameter ``t`` of shape ``(n_samples,)`` for curves or ``(n_samples, 2)`` for
+surfaces. Curves take ``grid=True`` for the evenly spaced parameter the seed study tests on
+(``numpy.linspace`` over the closed range, as the reference code); otherwise the parameter is
+drawn uniformly at random, as for the seed's training sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.utils import check_random_state
+
+__all__ = [
+    "DATASETS",
+    "embed",
+    "get_dataset",
+    "load_digits",
+    "make_circle",
+    "make_figure8",
+    "make_s_curve",
+    "make_sphere",
+    "make_spiral",
+    "make_swiss_roll",
+    "make_torus",
+    "make_trefoil",
+]
+
+
+def _check_common(n_samples, noise):
+    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)):
+        raise TypeError(f"n_samples must be an int, got {type(n_samples).__name__}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if not np.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a finite number >= 0, got {noise}")
+
+
+def _curve(fn, lo, hi, n_samples, noise, random_state, grid):
+    _check_common(n_samples, noise)
+    rng = check_random_state(random_state)
+    if grid:
+        t = np.linspace(lo, hi, n_samples)
+    else:
+        t = lo + (hi - lo) * rng.uniform(size=n_samples)
+    X = np.asarray(fn(t), dtype=np.float64)
+    if noise > 0:
+        X = X + noise * rng.standard_normal(X.shape)
+    return X, t
+
+
+def make_circle(n_samples=1000, *, noise=0.0, random_state=None, grid=False):
+    """Unit circle ``(cos t, sin t)``, ``t`` in ``[0, 2 pi)``.
+
+    Returns
+    -------
+    X : ndarray of shape (n_samples, 2)
+    t : ndarray of shape (n_samples,)
+    """
+    return _curve(lambda t: np.stack([np.cos(t), np.sin(t)], 1), 0.0, 2 * np.pi,
+                  n_samples, noise, random_state, grid)
+
+
+def make_spiral(n_samples=1000, *, noise=0.0, random_state=None, grid=False):
+    """Archimedean spiral ``(t cos t, t sin t)``, ``t`` in ``[0, 6 pi]`` (three turns)."""
+    return _curve(lambda t: np.stack([t * np.cos(t), t * np.sin(t)], 1), 0.0, 6 * np.pi,
+                  n_samples, noise, random_state, grid)
+
+
+def make_figure8(n_samples=1000, *, noise=0.0, random_state=None, grid=False):
+    """Lemniscate of Gerono ``(sin t, sin t cos t)``, ``t`` in ``[0, 2 pi)``.
+
+    (The seed's pseudo-code ``(sin t, cos t)`` is a circle by mistake; its code used this curve.)
+    """
+    return _curve(lambda t: np.stack([np.sin(t), np.sin(t) * np.cos(t)], 1), 0.0, 2 * np.pi,
+                  n_samples, noise, random_state, grid)
+
+
+def make_trefoil(n_samples=1000, *, noise=0.0, random_state=None, grid=False):
+    """Trefoil knot in 3-D, ``(sin t + 2 sin 2t, cos t - 2 cos 2t, -sin 3t)``, ``t`` in [0, 2 pi).
+
+    A closed curve that no single chart can cover; scaled to roughly unit radius.
+    """
+    def fn(t):
+        return np.stack([np.sin(t) + 2 * np.sin(2 * t), np.cos(t) - 2 * np.cos(2 * t),
+                         -np.sin(3 * t)], 1) / 3.0
+    return _curve(fn, 0.0, 2 * np.pi, n_samples, noise, random_state, grid)
+
+
+def make_sphere(n_samples=1000, *, noise=0.0, random_state=None):
+    """Points uniform on the unit sphere in 3-D.
+
+    Returns ``t`` of shape (n_samples, 2): polar angle in ``[0, pi]`` and azimuth in ``[0, 2 pi)``.
+    """
+    _check_common(n_samples, noise)
+    rng = check_random_state(random_state)
+    theta = np.arccos(rng.uniform(-1.0, 1.0, size=n_samples))
+    phi = rng.uniform(0.0, 2 * np.pi, size=n_samples)
+    X = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], 1)
+    if noise > 0:
+        X = X + noise * rng.standard_normal(X.shape)
+    return X, np.stack([theta, phi], 1)
+
+
+def make_torus(n_samples=1000, *, major_radius=2.0, minor_radius=1.0, noise=0.0,
+               random_state=None):
+    """Torus in 3-D with both angles drawn uniformly from ``[0, 2 pi)``.
+
+    Returns ``t`` of shape (n_samples, 2): angle around the axis, angle around the tube.
+    """
+    _check_common(n_samples, noise)
+    if not 0 < minor_radius < major_radius:
+        raise ValueError("need 0 < minor_radius < major_radius, got "
+                         f"minor_radius={minor_radius}, major_radius={major_radius}")
+    rng = check_random_state(random_state)
+    u = rng.uniform(0.0, 2 * np.pi, size=n_samples)
+    v = rng.uniform(0.0, 2 * np.pi, size=n_samples)
+    ring = major_radius + minor_radius * np.cos(v)
+    X = np.stack([ring * np.cos(u), ring * np.sin(u), minor_radius * np.sin(v)], 1)
+    if noise > 0:
+        X = X + noise * rng.standard_normal(X.shape)
+    return X, np.stack([u, v], 1)
+
+
+def make_swiss_roll(n_samples=1000, *, noise=0.0, random_state=None):
+    """scikit-learn's Swiss roll; ``t`` (n_samples, 2) = (roll parameter, height)."""
+    from sklearn.datasets import make_swiss_roll as _sk
+
+    _check_common(n_samples, noise)
+    X, t = _sk(n_samples=n_samples, noise=noise, random_state=random_state)
+    return X, np.stack([t, X[:, 1]], 1)
+
+
+def make_s_curve(n_samples=1000, *, noise=0.0, random_state=None):
+    """scikit-learn's S-curve; ``t`` (n_samples, 2) = (curve parameter, height)."""
+    from sklearn.datasets import make_s_curve as _sk
+
+    _check_common(n_samples, noise)
+    X, t = _sk(n_samples=n_samples, noise=noise, random_state=random_state)
+    return X, np.stack([t, X[:, 1]], 1)
+
+
+def embed(X, n_features, *, noise=0.0, random_state=None):
+    """Place data isometrically into ``R^n_features`` by a random orthonormal map, plus noise.
+
+    Distances are preserved exactly before the noise: ``X @ Q.T`` with ``Q`` of shape
+    (n_features, d) having orthonormal columns (QR of a Gaussian matrix).
+
+    Returns
+    -------
+    X_embedded : ndarray of shape (n_samples, n_features)
+    """
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"embed expects a 2-D array, got shape {X.shape}")
+    d = X.shape[1]
+    if n_features < d:
+        raise ValueError(f"cannot embed {d}-D data isometrically into {n_features} dimensions")
+    if not np.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a finite number >= 0, got {noise}")
+    rng = check_random_state(random_state)
+    Q, R = np.linalg.qr(rng.standard_normal((n_features, d)))
+    Q = Q * np.sign(np.diag(R))  # a unique, sign-fixed orthonormal basis
+    Y = X @ Q.T
+    if noise > 0:
+        Y = Y + noise * rng.standard_normal(Y.shape)
+    return Y
+
+
+def load_digits():
+    """scikit-learn's 8x8 digits (1797 x 64, values 0..16, shipped with scikit-learn).
+
+    Returns ``(X, y)`` with the digit labels as ``y``; there is no manifold parameter.
+    """
+    from sklearn.datasets import load_digits as _sk
+
+    d = _sk()
+    return d.data.astype(np.float64), d.target
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A named data set for the command line and the studies."""
+
+    make: Callable  # make(n_samples, noise=, random_state=[, grid=]) -> (X, t)
+    manifold_dim: int  # intrinsic dimension: the natural latent_dim
+    closed: bool  # a closed curve or surface (no single chart covers it)
+    has_grid: bool  # accepts grid=True for an even test grid
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "circle": DatasetInfo(make_circle, 1, True, True),
+    "spiral": DatasetInfo(make_spiral, 1, False, True),
+    "figure8": DatasetInfo(make_figure8, 1, True, True),
+    "trefoil": DatasetInfo(make_trefoil, 1, True, True),
+    "sphere": DatasetInfo(make_sphere, 2, True, False),
+    "torus": DatasetInfo(make_torus, 2, True, False),
+    "swiss_roll": DatasetInfo(make_swiss_roll, 2, False, False),
+    "s_curve": DatasetInfo(make_s_curve, 2, False, False),
+}
+
+
+def get_dataset(name: str) -> DatasetInfo:
+    """Look up a named data set; the error lists the valid names."""
+    key = name.replace("-", "_").lower()
+    aliases = {"figure_8": "figure8", "swissroll": "swiss_roll", "scurve": "s_curve"}
+    key = aliases.get(key, key)
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    return DATASETS[key]

@@ -1,0 +1,178 @@
+"""``MoEAutoencoder``: the scikit-learn estimator.
+
+``transform`` gives atlas codes ``(chart, z)``; ``inverse_transform`` decodes them with the
+chart they name (hard decoding), so ``inverse_transform(transform(X))`` is the honest
+reconstruction of the representation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils import check_array
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import ModelConfig, TrainConfig, from_dict, recipe, to_dict
+from .model import MoEAE
+from .run import _tensor, check_configs, decode, encode
+from .training import Trainer, resolve_device
+
+__all__ = ["MoEAutoencoder"]
+
+
+class MoEAutoencoder(TransformerMixin, BaseEstimator):
+    """Mixture-of-Experts autoencoder: an atlas of ``n_experts`` charts of ``latent_dim``.
+
+    Parameters
+    ----------
+    n_experts : int, default=4
+        Number of experts (charts).
+    latent_dim : int, default=1
+        Coordinates per chart; must be smaller than the number of features.
+    recipe : {"best", "seed"}, default="best"
+        Training recipe: ``"best"`` gives clean hard charts; ``"seed"`` is faithful to the
+        original reference code (soft blending, dropout).
+    epochs, batch_size, lr, width, depth, dropout : optional
+        Override the recipe's value when not None.
+    weight_decay, input_noise : float, optional
+        Regularisation (AdamW decay; Gaussian noise on standardized training inputs).
+    device : {"auto", "cpu", "cuda"}, default="auto"
+    random_state : int or None, default=None
+        Seed of initialisation, shuffling and dropout. None draws one from numpy's global RNG.
+    verbose : bool, default=False
+        Show a progress bar while fitting.
+
+    Attributes
+    ----------
+    model_ : MoEAE
+        The trained network (a population of one).
+    n_features_in_ : int
+    model_config_, train_config_ : the dataclasses the model was trained with.
+    history_ : list of float
+        Mean training loss per epoch.
+    """
+
+    def __init__(self, *, n_experts=4, latent_dim=1, recipe="best", epochs=None,
+                 batch_size=None, lr=None, width=None, depth=None, dropout=None,
+                 weight_decay=None, input_noise=None, device="auto", random_state=None,
+                 verbose=False):
+        self.n_experts = n_experts
+        self.latent_dim = latent_dim
+        self.recipe = recipe
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.width = width
+        self.depth = depth
+        self.dropout = dropout
+        self.weight_decay = weight_decay
+        self.input_noise = input_noise
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # -- fitting ----------------------------------------------------------------------------
+    def _configs(self, n_features: int) -> tuple[ModelConfig, TrainConfig]:
+        for name in ("n_experts", "latent_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if self.random_state is None:
+            seed = int(np.random.randint(0, 2**31 - 1))
+        elif isinstance(self.random_state, (int, np.integer)):
+            seed = int(self.random_state)
+        else:  # a RandomState instance, as scikit-learn allows
+            seed = int(self.random_state.randint(0, 2**31 - 1))
+        mc, tc = recipe(
+            self.recipe, n_features=n_features, n_experts=int(self.n_experts),
+            latent_dim=int(self.latent_dim), epochs=self.epochs, batch_size=self.batch_size,
+            lr=self.lr, width=self.width, depth=self.depth, dropout=self.dropout,
+            weight_decay=self.weight_decay, input_noise=self.input_noise, device=self.device,
+            seed=seed)
+        return mc, tc
+
+    def fit(self, X, y=None):
+        """Fit the atlas to X of shape (n_samples, n_features). ``y`` is ignored."""
+        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+        n, d = X.shape
+        mc, tc = self._configs(d)
+        check_configs(mc, tc, n, d)
+        trainer = Trainer(MoEAE(mc), tc, [tc.seed], resolve_device(tc.device))
+        Xt = _tensor(X)
+        trainer.initialize(Xt)
+        trainer.fit(Xt, tc.epochs, progress=bool(self.verbose))
+        self.model_ = trainer.model.cpu().eval()
+        self.model_config_, self.train_config_ = mc, tc
+        self.history_ = [h[0] for h in trainer.state.history]
+        return self
+
+    # -- using the atlas --------------------------------------------------------------------
+    def transform(self, X):
+        """Atlas codes: (n_samples, 1 + latent_dim); column 0 is the chart index."""
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        return encode(self.model_, X)
+
+    def inverse_transform(self, X):
+        """Decode codes (n_samples, 1 + latent_dim) with the chart each names: (n, d)."""
+        check_is_fitted(self)
+        codes = check_array(X, dtype=np.float64)
+        return decode(self.model_, codes)
+
+    def predict(self, X):
+        """Chart index of each point: (n_samples,) int."""
+        return self.transform(X)[:, 0].astype(np.int64)
+
+    def score(self, X, y=None):
+        """Negative hard-decoding MSE (higher is better)."""
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        X_hat = decode(self.model_, encode(self.model_, X))
+        return -float(((X - X_hat) ** 2).mean())
+
+    def reconstruction_error(self, X, kind="hard"):
+        """Fraction of variance unexplained by the ``"hard"`` or ``"soft"`` reconstruction."""
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        from .metrics import snapshot_metrics
+        from .training import evaluate
+
+        snap = {k: v[0] for k, v in evaluate(self.model_, _tensor(X)).items()}
+        return snapshot_metrics(snap, neighborhood=False)[f"fvu_{kind}"]
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, "model_")
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write the fitted model to one safetensors file (atomically)."""
+        check_is_fitted(self)
+        meta = {"params": self.get_params(), **to_dict(self.model_config_, self.train_config_),
+                "history": self.history_}
+        meta["params"]["random_state"] = self.train_config_.seed
+        save_checkpoint(path, model=self.model_.state_dict(), meta=meta)
+
+    @classmethod
+    def load(cls, path) -> MoEAutoencoder:
+        """Load a model written by :meth:`save`; executes no code from the file."""
+        ck = load_checkpoint(path)
+        try:
+            mc, tc = from_dict(ck["meta"])
+            est = cls(**ck["meta"]["params"])
+            model = MoEAE(mc)
+            model.load_state_dict(ck["model"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{Path(path)} is not a saved MoEAutoencoder ({exc})") from None
+        est.model_ = model.eval()
+        est.model_config_, est.train_config_ = mc, tc
+        est.history_ = ck["meta"].get("history", [])
+        est.n_features_in_ = mc.n_features
+        return est
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = False
+        return tags
+

@@ -1,0 +1,160 @@
+"""The Mixture-of-Experts autoencoder: a router and E expert autoencoders, stacked.
+
+One :class:`MoEAE` holds a *population* of ``M`` independent models (``M = 1`` for a single
+model). Model ``m`` has ``E_m`` experts; all experts of all models are the ``G = sum_m E_m``
+groups of one stacked encoder and one stacked decoder, and all routers are the ``M`` groups of
+one stacked router whose outputs are padded to ``E = max_m E_m`` and masked.
+
+Dimension legend: ``M`` models, ``G`` experts of all models, ``B`` batch, ``d`` data width,
+``k`` latent width, ``E`` widest expert count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .layers import DropoutMasks, StackedMLP
+
+__all__ = ["MoEAE", "MoEOutput"]
+
+
+class MoEOutput(NamedTuple):
+    x_hat: torch.Tensor  # (M, B, d) soft reconstruction: sum_e p_e * decoder_e(encoder_e(x))
+    expert_outputs: torch.Tensor  # (G, B, d) each expert's reconstruction
+    latents: torch.Tensor  # (G, B, k) each expert's chart coordinates
+    logits: torch.Tensor  # (M, B, E) router logits, -inf where model m has no expert e
+    probs: torch.Tensor  # (M, B, E) router probabilities (softmax of logits)
+
+
+class MoEAE(nn.Module):
+    """A population of MoE autoencoders sharing one architecture (``cfg``).
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Architecture; ``cfg.n_experts`` is used when ``experts_per_model`` is not given.
+    experts_per_model : sequence of int, optional
+        ``E_m`` for each model of the population; default ``[cfg.n_experts]``.
+    """
+
+    def __init__(self, cfg: ModelConfig, experts_per_model: Sequence[int] | None = None):
+        super().__init__()
+        counts = list(experts_per_model or [cfg.n_experts])
+        if not counts or min(counts) < 1:
+            raise ValueError(f"every model needs >= 1 expert, got {counts}")
+        self.cfg = cfg
+        self.counts = counts
+        M, G, E = len(counts), sum(counts), max(counts)
+        d, k, H, L = cfg.n_features, cfg.latent_dim, cfg.width, cfg.depth
+        self.router = StackedMLP(M, d, H, L, E, "linear", cfg.output_dropout)
+        self.encoder = StackedMLP(G, d, H, L, k, "tanh", cfg.output_dropout)
+        self.decoder = StackedMLP(G, k, H, L, d, "linear", cfg.output_dropout)
+        model_of = torch.repeat_interleave(torch.arange(M), torch.tensor(counts))
+        slot_of = torch.cat([torch.arange(c) for c in counts])
+        self.register_buffer("expert_model", model_of, persistent=False)  # (G,)
+        self.register_buffer("expert_slot", slot_of, persistent=False)  # (G,)
+        valid = torch.arange(E)[None, :] < torch.tensor(counts)[:, None]
+        self.register_buffer("expert_valid", valid, persistent=False)  # (M, E)
+        # Input scaling learned at fit time: u = (x - shift) / scale; the networks see u.
+        self.register_buffer("shift", torch.zeros(M, 1, d))
+        self.register_buffer("scale", torch.ones(M, 1, 1))
+        self.register_buffer("active", valid.clone())  # (M, E) experts the router may pick
+
+    @property
+    def n_models(self) -> int:
+        return len(self.counts)
+
+    def reset_parameters(self, seeds: Sequence[int]) -> None:
+        """Initialise model ``m`` from ``seeds[m]`` alone, in a fixed order (router, then each
+        expert's encoder and decoder), so it starts as it would if trained on its own."""
+        if len(seeds) != self.n_models:
+            raise ValueError(f"need {self.n_models} seeds, got {len(seeds)}")
+        g0 = 0
+        for m, (count, seed) in enumerate(zip(self.counts, seeds)):
+            gen = torch.Generator().manual_seed(int(seed))
+            self.router.reset_group_(m, gen, out=count)
+            for g in range(g0, g0 + count):
+                self.encoder.reset_group_(g, gen)
+                self.decoder.reset_group_(g, gen)
+            g0 += count
+
+    def route(self, u: torch.Tensor, dropout: DropoutMasks | None = None) -> torch.Tensor:
+        """Router logits for normalised inputs u: (M, B, d) -> (M, B, E), masked with -inf."""
+        drop = None
+        if dropout is not None:
+            L, ones = self.cfg.depth, [1] * self.n_models
+
+            def drop(h):  # the router's last output has E_m real columns in model m
+                last = drop.calls == L
+                drop.calls += 1
+                return dropout(h, ones, self.counts if last else None)
+            drop.calls = 0
+        logits = self.router(u, drop)  # (M, B, E)
+        return logits.masked_fill(~self.active[:, None, :], float("-inf"))
+
+    def forward(self, x: torch.Tensor, dropout: DropoutMasks | None = None) -> MoEOutput:
+        """x: (M, B, d) in data units -> :class:`MoEOutput` (reconstructions in data units).
+
+        ``dropout`` (training only) draws each model's masks from that model's own stream.
+        """
+        u = (x - self.shift) / self.scale  # (M, B, d)
+        if dropout is not None:
+            dropout.start(self.dropout_sizes(x.shape[1]), x.device)
+        logits = self.route(u, dropout)
+        probs = torch.softmax(logits, dim=-1)  # (M, B, E)
+        drop = None if dropout is None else (lambda h: dropout(h, self.counts))
+        ug = u[self.expert_model]  # (G, B, d): each expert sees its model's batch
+        z = self.encoder(ug, drop)  # (G, B, k)
+        vg = self.decoder(z, drop)  # (G, B, d)
+        y = vg * self.scale[self.expert_model] + self.shift[self.expert_model]  # (G, B, d)
+        p = probs[self.expert_model, :, self.expert_slot]  # (G, B)
+        x_hat = torch.zeros_like(x).index_add_(0, self.expert_model, p[..., None] * y)  # (M,B,d)
+        return MoEOutput(x_hat, y, z, logits, probs)
+
+    def dropout_sizes(self, batch: int) -> list[int]:
+        """Random values one training step needs per model: every dropout site's units."""
+        c = self.cfg
+        sites = c.depth * c.width  # router hidden layers
+        expert = 2 * c.depth * c.width  # encoder and decoder hidden layers
+        if c.output_dropout:
+            expert += c.latent_dim + c.n_features
+        return [batch * (sites + (e if c.output_dropout else 0) + e * expert)
+                for e in self.counts]
+
+    def padded(self, grouped: torch.Tensor) -> torch.Tensor:
+        """(G, B, ...) -> (M, E, B, ...), zeros where a model has fewer experts."""
+        M, E = self.expert_valid.shape
+        out = grouped.new_zeros((M, E) + tuple(grouped.shape[1:]))
+        out[self.expert_model, self.expert_slot] = grouped
+        return out
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Atlas codes: x (M, B, d) -> chart (M, B) long, z (M, B, k) of that chart."""
+        out = self.forward(x)
+        chart = out.probs.argmax(-1)  # (M, B)
+        z = self.padded(out.latents)  # (M, E, B, k)
+        z = z.gather(1, chart[:, None, :, None].expand(-1, 1, -1, z.shape[-1]))[:, 0]
+        return chart, z
+
+    @torch.no_grad()
+    def decode(self, chart: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Hard decoding: chart (M, B) long, z (M, B, k) -> x (M, B, d) from that chart only."""
+        zg = z[self.expert_model]  # (G, B, k): every decoder decodes every point ...
+        vg = self.decoder(zg)  # (G, B, d)
+        y = self.padded(vg * self.scale[self.expert_model] + self.shift[self.expert_model])
+        idx = chart[:, None, :, None].expand(-1, 1, -1, y.shape[-1])  # ... and the chart picks
+        return y.gather(1, idx)[:, 0]  # (M, B, d)
+
+    @torch.no_grad()
+    def hard(self, out: MoEOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """From a forward pass: chart (M, B) and hard reconstruction (M, B, d)."""
+        chart = out.probs.argmax(-1)  # (M, B)
+        y = self.padded(out.expert_outputs)  # (M, E, B, d)
+        idx = chart[:, None, :, None].expand(-1, 1, -1, y.shape[-1])
+        return chart, y.gather(1, idx)[:, 0]

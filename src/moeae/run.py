@@ -1,0 +1,253 @@
+"""Run folders: one trained model on disk, resumable, and usable for encode/decode/evaluate.
+
+A run folder holds
+
+- ``config.json``: model and training configs and where the data came from;
+- ``data.npz``: the training (and test) arrays, so a resume needs nothing else;
+- ``checkpoint.safetensors``: weights, input scaling, optimizer, RNG streams, epoch and step,
+  written atomically at the start and after every epoch;
+- ``snapshots/epoch_NNNN.npz``: eval-mode outputs on the test set after each epoch;
+- ``metrics.json``: one row of metrics per epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import (CheckpointError, load_checkpoint, load_npz, save_checkpoint, save_npz,
+                         write_json)
+from .config import ModelConfig, TrainConfig, from_dict, to_dict
+from .metrics import snapshot_metrics
+from .model import MoEAE
+from .training import Trainer, evaluate, resolve_device
+
+__all__ = ["RunError", "train_run", "resume_run", "load_model", "encode", "decode",
+           "evaluate_run", "RUN_FILES"]
+
+RUN_FILES = ("config.json", "data.npz", "checkpoint.safetensors", "metrics.json", "snapshots")
+
+
+class RunError(ValueError):
+    """A run folder that is missing, incomplete, or would be overwritten."""
+
+
+def check_configs(model_cfg: ModelConfig, train_cfg: TrainConfig, n_samples: int,
+                  n_features: int) -> None:
+    """Reject settings that cannot train, with the offending value in the message."""
+    if model_cfg.n_experts < 1:
+        raise ValueError(f"n_experts must be >= 1, got {model_cfg.n_experts}")
+    if model_cfg.latent_dim < 1:
+        raise ValueError(f"latent_dim must be >= 1, got {model_cfg.latent_dim}")
+    if model_cfg.latent_dim >= n_features:
+        raise ValueError(f"latent_dim ({model_cfg.latent_dim}) must be smaller than the number "
+                         f"of features ({n_features}): an autoencoder must compress")
+    if model_cfg.width < 1 or model_cfg.depth < 1:
+        raise ValueError(f"width and depth must be >= 1, got {model_cfg.width}, "
+                         f"{model_cfg.depth}")
+    if train_cfg.epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {train_cfg.epochs}")
+    if train_cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {train_cfg.batch_size}")
+    if not train_cfg.lr > 0:
+        raise ValueError(f"lr must be > 0, got {train_cfg.lr}")
+    if n_samples < 2:
+        raise ValueError(f"need at least 2 samples to train, got {n_samples}")
+    if train_cfg.routing not in ("soft", "responsibility"):
+        raise ValueError(f"routing must be 'soft' or 'responsibility', got {train_cfg.routing!r}")
+
+
+def _tensor(X: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(X, dtype=np.float32))[None]  # (1, n, d)
+
+
+def _snapshot(model: MoEAE, X: torch.Tensor) -> dict[str, np.ndarray]:
+    return {k: v[0] for k, v in evaluate(model, X).items()}  # model 0 of a population of 1
+
+
+class _Recorder:
+    """on_epoch_end callback: snapshot, metrics row, then checkpoint (in that order, so a
+    kill between them only costs a redo of that epoch)."""
+
+    def __init__(self, run_dir: Path, X_eval: np.ndarray, t_eval, closed: bool,
+                 config: dict, rows: list[dict]):
+        self.run_dir, self.X = run_dir, _tensor(X_eval)
+        self.t, self.closed, self.config, self.rows = t_eval, closed, config, rows
+
+    def checkpoint(self, trainer: Trainer) -> None:
+        sd = trainer.state_dict()
+        save_checkpoint(self.run_dir / "checkpoint.safetensors", model=sd["model"],
+                        optimizer=sd["optimizer"], rng=sd["rng"], extra_tensors=sd["extra"],
+                        meta={"state": sd["state"], "config": self.config,
+                              "version": __version__})
+
+    def __call__(self, trainer: Trainer) -> None:
+        epoch = trainer.state.epoch
+        snap = _snapshot(trainer.model, self.X)
+        if self.t is not None:
+            snap["t"] = self.t
+        save_npz(self.run_dir / "snapshots" / f"epoch_{epoch:04d}.npz", snap)
+        last = epoch == trainer.cfg.epochs
+        row = {"epoch": epoch, "train_loss": float(trainer.state.history[-1][0]),
+               **snapshot_metrics(snap, self.t, self.closed, neighborhood=last)}
+        self.rows[:] = [r for r in self.rows if r["epoch"] < epoch] + [row]
+        write_json(self.run_dir / "metrics.json", self.rows)
+        self.checkpoint(trainer)
+
+
+def _prepare_dir(run_dir: Path, force: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{run_dir} exists and is not a folder")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            raise RunError(f"run folder {run_dir} is not empty; use --force to overwrite it or "
+                           "--resume to continue it")
+        for name in RUN_FILES:  # only our own files: nothing else in the folder is touched
+            p = run_dir / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def train_run(run_dir, X: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
+              X_test: np.ndarray | None = None, t_test: np.ndarray | None = None,
+              closed: bool = False, data_info: dict | None = None, force: bool = False,
+              progress: bool = False) -> Trainer:
+    """Train one model from scratch into ``run_dir``; returns the trainer."""
+    run_dir = Path(run_dir)
+    X = np.asarray(X, dtype=np.float64)
+    model_cfg = dataclasses.replace(model_cfg, n_features=X.shape[1])
+    check_configs(model_cfg, train_cfg, *X.shape)
+    device = resolve_device(train_cfg.device)
+    _prepare_dir(run_dir, force)
+    config = to_dict(model_cfg, train_cfg, data=data_info or {}, closed=closed)
+    write_json(run_dir / "config.json", config)
+    arrays = {"X_train": X}
+    if X_test is not None:
+        arrays["X_test"] = np.asarray(X_test, dtype=np.float64)
+    if t_test is not None:
+        arrays["t_test"] = np.asarray(t_test)
+    save_npz(run_dir / "data.npz", arrays)
+    trainer = Trainer(MoEAE(model_cfg), train_cfg, [train_cfg.seed], device)
+    Xt = _tensor(X)
+    trainer.initialize(Xt)
+    rec = _Recorder(run_dir, X if X_test is None else X_test, t_test, closed, config, [])
+    rec.checkpoint(trainer)  # epoch 0: a divergence in epoch 1 still leaves a good checkpoint
+    trainer.fit(Xt, train_cfg.epochs, on_epoch_end=rec, progress=progress)
+    return trainer
+
+
+def _read_run(run_dir: Path) -> tuple[dict, ModelConfig, TrainConfig]:
+    if not run_dir.is_dir():
+        raise RunError(f"run folder not found: {run_dir}")
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise RunError(f"{run_dir} is not a run folder (no config.json)")
+    import json
+
+    try:
+        config = json.loads(cfg_path.read_text())
+        model_cfg, train_cfg = from_dict(config)
+    except (ValueError, TypeError) as exc:
+        raise RunError(f"{cfg_path}: unreadable config ({exc})") from None
+    return config, model_cfg, train_cfg
+
+
+def resume_run(run_dir, epochs: int | None = None, progress: bool = False) -> Trainer:
+    """Continue a run from its last complete checkpoint to ``epochs`` total epochs (default:
+    the planned number). Schedules run over the plan in config.json, so a resume that keeps
+    the plan is bit-identical to an uninterrupted run; one that extends it is bit-identical
+    for constant schedules (the seed recipe)."""
+    run_dir = Path(run_dir)
+    config, model_cfg, train_cfg = _read_run(run_dir)
+    ck = load_checkpoint(run_dir / "checkpoint.safetensors")
+    data = load_npz(run_dir / "data.npz")
+    if epochs is not None:
+        if epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {epochs}")
+        train_cfg.epochs = epochs
+        config["train"]["epochs"] = epochs
+        write_json(run_dir / "config.json", config)
+    trainer = Trainer(MoEAE(model_cfg), train_cfg, [train_cfg.seed],
+                      resolve_device(train_cfg.device))
+    try:
+        trainer.load_state_dict({"model": ck["model"], "optimizer": ck["optimizer"],
+                                 "rng": ck["rng"], "extra": ck["extra"],
+                                 "state": ck["meta"]["state"]})
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{run_dir / 'checkpoint.safetensors'} does not match "
+                              f"config.json ({exc})") from None
+    done = trainer.state.epoch
+    if train_cfg.epochs < done:
+        raise ValueError(f"run already has {done} epochs; --epochs {train_cfg.epochs} would "
+                         "go back")
+    metrics_path = run_dir / "metrics.json"
+    rows = []
+    if metrics_path.is_file():
+        import json
+
+        rows = [r for r in json.loads(metrics_path.read_text()) if r["epoch"] <= done]
+    X = data["X_train"]
+    rec = _Recorder(run_dir, data.get("X_test", X), data.get("t_test"),
+                    bool(config.get("closed", False)), config, rows)
+    trainer.fit(_tensor(X), train_cfg.epochs, on_epoch_end=rec, progress=progress)
+    return trainer
+
+
+def load_model(run_dir) -> tuple[MoEAE, dict]:
+    """The trained model of a run (eval mode, CPU) and its config dict."""
+    run_dir = Path(run_dir)
+    config, model_cfg, _ = _read_run(run_dir)
+    ck = load_checkpoint(run_dir / "checkpoint.safetensors")
+    model = MoEAE(model_cfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{run_dir / 'checkpoint.safetensors'} does not match "
+                              f"config.json ({str(exc).splitlines()[0]})") from None
+    return model.eval(), config
+
+
+def encode(model: MoEAE, X: np.ndarray) -> np.ndarray:
+    """X (n, d) -> codes (n, 1 + k): chart index, then the chart's coordinates."""
+    chart, z = model.encode(_tensor(X))
+    return np.concatenate([chart[0, :, None].double().numpy(), z[0].double().numpy()], 1)
+
+
+def decode(model: MoEAE, codes: np.ndarray) -> np.ndarray:
+    """codes (n, 1 + k) -> X (n, d), decoded by the chart each code names."""
+    codes = np.asarray(codes, dtype=np.float64)
+    k, E = model.cfg.latent_dim, model.counts[0]
+    if codes.ndim != 2 or codes.shape[1] != 1 + k:
+        raise ValueError(f"codes must have shape (n, {1 + k}) (chart, then {k} coordinate(s)),"
+                         f" got {codes.shape}")
+    chart = codes[:, 0]
+    bad = (chart != np.round(chart)) | (chart < 0) | (chart >= E)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"chart index {codes[i, 0]:g} in row {i} is out of range: the model "
+                         f"has charts 0..{E - 1}")
+    c = torch.as_tensor(chart.astype(np.int64))[None]
+    z = torch.as_tensor(codes[:, 1:], dtype=torch.float32)[None]
+    return model.decode(c, z)[0].double().numpy()
+
+
+def evaluate_run(run_dir, X: np.ndarray | None = None, t=None, closed: bool | None = None
+                 ) -> dict:
+    """Metrics of a run's model on X (default: the run's own test set)."""
+    run_dir = Path(run_dir)
+    model, config = load_model(run_dir)
+    if X is None:
+        data = load_npz(run_dir / "data.npz")
+        X = data.get("X_test", data["X_train"])
+        t = data.get("t_test") if t is None else t
+    closed = bool(config.get("closed", False)) if closed is None else closed
+    snap = _snapshot(model, _tensor(X))
+    return snapshot_metrics(snap, t, closed)
