@@ -37,6 +37,7 @@ class TrainConfig:
     routing: str = "soft"  # "soft": the seed's blend | "responsibility": see training.py
     tau_start: float = 1.0  # responsibility temperature at the start (relative to mean error)
     tau_end: float = 0.01  # ... and at the end, annealed geometrically
+    expert_weight: str = "router"  # experts learn each point weighted by "router" or "target"
     balance_weight: float = 0.0  # Switch-style load-balancing loss weight
     spectral_init: bool = False  # start routing from a spectral embedding + k-means
     warm_start_epochs: int = 0  # epochs of router-only fit to the initial charts
@@ -54,9 +55,9 @@ def _seed_recipe() -> tuple[ModelConfig, TrainConfig]:
 def _best_recipe() -> tuple[ModelConfig, TrainConfig]:
     model = ModelConfig(width=64, depth=3, dropout=0.0, output_dropout=False)
     train = TrainConfig(
-        epochs=60, batch_size=64, lr=3e-3, schedule="cosine", warmup_epochs=1,
-        router_loss_weight=0.0, routing="responsibility", tau_start=1.0, tau_end=1e-3,
-        spectral_init=True, warm_start_epochs=0, standardize=True,
+        epochs=100, batch_size=64, lr=3e-3, schedule="cosine", warmup_epochs=1,
+        router_loss_weight=0.0, routing="responsibility", tau_start=0.1, tau_end=1e-3,
+        spectral_init=True, warm_start_epochs=10, standardize=True,
     )
     return model, train
 

@@ -72,23 +72,37 @@ class LossTerms(torch.nn.Module):
         return E * (top.mean(1) * probs.mean(1)).sum(-1)
 
 
-def spectral_charts(X: np.ndarray, n_charts: int, n_components: int, seed: int) -> np.ndarray:
-    """Initial chart labels: k-means on a spectral embedding of a k-nearest-neighbour graph.
+def spectral_charts(X: np.ndarray, n_charts: int, n_components: int, seed: int,
+                    max_points: int = 2000) -> np.ndarray:
+    """Initial chart labels: k-means on an Isomap embedding of a k-nearest-neighbour graph.
 
-    The embedding follows the manifold, not the ambient space, so clusters are contiguous
-    pieces of it (arcs of a curve, patches of a surface).
+    Isomap preserves geodesic (along-the-manifold) distances, so the clusters are contiguous
+    pieces of the manifold of similar *length* (arcs of a curve, patches of a surface). A
+    spectral embedding gave contiguous pieces too, but of similar point *count*: on the spiral
+    its outer chart held 60% of the length and its expert folded. Above ``max_points``
+    points, the embedding is fit on a subsample and the rest labelled by their nearest point.
     """
     from sklearn.cluster import KMeans
-    from sklearn.manifold import SpectralEmbedding
+    from sklearn.manifold import Isomap
+    from sklearn.neighbors import KNeighborsClassifier
 
     n = len(X)
-    if n_charts == 1 or n < 3:
+    if n_charts == 1 or n < 4:
         return np.zeros(n, dtype=np.int64)
-    n_neighbors = max(5, min(15, n // 10))
-    emb = SpectralEmbedding(n_components=min(n_components, n - 2), affinity="nearest_neighbors",
-                            n_neighbors=min(n_neighbors, n - 1), random_state=seed).fit_transform(X)
-    km = KMeans(n_clusters=min(n_charts, n), n_init=4, random_state=seed).fit(emb)
-    return km.labels_.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    sub = np.sort(rng.choice(n, max_points, replace=False)) if n > max_points else np.arange(n)
+    Xs = X[sub]
+    n_neighbors = max(2, min(10, len(Xs) // 4))
+    try:
+        emb = Isomap(n_neighbors=n_neighbors, n_components=min(n_components, len(Xs) - 2),
+                     eigen_solver="dense").fit_transform(Xs)
+    except (ValueError, np.linalg.LinAlgError):
+        emb = Xs  # a degenerate graph (duplicates, tiny data): cluster in the ambient space
+    km = KMeans(n_clusters=min(n_charts, len(Xs)), n_init=4, random_state=seed).fit(emb)
+    labels = km.labels_.astype(np.int64)
+    if len(sub) < n:
+        labels = KNeighborsClassifier(1).fit(Xs, labels).predict(X).astype(np.int64)
+    return labels
 
 
 @dataclass
@@ -184,7 +198,8 @@ class Trainer:
                     ref = torch.where(valid[:, None, :], e, 0.0).sum(-1) / valid.sum(-1)[:, None]
                     t = self.tau(progress) * ref.mean(-1)[:, None, None].clamp_min(1e-12)
                     target = torch.softmax(-e / t, dim=-1)  # (M, B, E)
-                weight = target if warm else out.probs.detach()
+                weight = target if warm or self.cfg.expert_weight == "target" \
+                    else out.probs.detach()
             logp = torch.log_softmax(out.logits, -1).masked_fill(~valid[:, None, :], 0.0)
             router = -(target * logp).sum(-1).mean(-1)  # cross-entropy (M,)
             expert = (weight * err.masked_fill(~valid[:, None, :], 0.0)).sum(-1).mean(-1)

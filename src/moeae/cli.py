@@ -1,0 +1,279 @@
+"""The ``moeae`` command line: parses arguments and calls the library.
+
+Exit codes: 0 success; 2 bad usage (argparse); 1 bad data, file, checkpoint or a diverged run,
+with one line ``error: ...`` on stderr (a traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="show full tracebacks on errors (default: one line)")
+    common.add_argument("--threads", type=_positive_int, default=1,
+                        help="CPU threads for torch (default: 1, fastest for these small "
+                             "networks unless the machine is otherwise idle)")
+    p = argparse.ArgumentParser(prog="moeae", description="Mixture-of-Experts autoencoders: "
+                                "learn an atlas of charts of data on a manifold.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"moeae {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("reproduce", parents=[common], help="run the seed study (3 curves x "
+                       "1, 2, 4, 8 experts) and write its figures and metrics")
+    r.add_argument("--out", default="results", help="output folder (default: results)")
+    r.add_argument("--recipe", choices=["seed", "best"], default="seed",
+                   help="seed: faithful to the reference code; best: clean hard charts "
+                        "(default: seed)")
+    r.add_argument("--epochs", type=_nonneg_int, default=None,
+                   help="epochs (default: the recipe's; seed: 5)")
+    r.add_argument("--seed", type=int, default=0, help="data and first model seed (default: 0)")
+    r.add_argument("--seeds", type=_positive_int, default=1,
+                   help="models per configuration, reported as mean and sd (default: 1)")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to train (default: auto = cuda if available)")
+    r.add_argument("--no-figures", action="store_true", help="skip the figures")
+    r.add_argument("--progress", action="store_true", help="show a progress bar")
+
+    t = sub.add_parser("train", parents=[common], help="train one model into a run folder")
+    t.add_argument("--data", help="a dataset name (circle, spiral, figure8, trefoil, sphere, "
+                   "torus, swiss_roll, s_curve) or a .npy/.csv file of shape (n, d)")
+    t.add_argument("--experts", type=_positive_int, default=4,
+                   help="number of experts (charts) (default: 4)")
+    t.add_argument("--latent-dim", type=_positive_int, default=None,
+                   help="coordinates per chart (default: the dataset's dimension, else 1)")
+    t.add_argument("--epochs", type=_nonneg_int, default=None,
+                   help="epochs (default: the recipe's; with --resume: total epochs to reach)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    t.add_argument("--recipe", choices=["best", "seed"], default="best",
+                   help="training recipe (default: best)")
+    t.add_argument("--out", help="run folder to create")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder")
+    t.add_argument("--force", action="store_true",
+                   help="overwrite the run files of a non-empty --out folder")
+    t.add_argument("--n-samples", type=_positive_int, default=1000,
+                   help="points to generate for a named dataset (default: 1000)")
+    t.add_argument("--noise", type=float, default=0.0,
+                   help="Gaussian noise sd for a named dataset (default: 0)")
+    t.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate (default: the recipe's)")
+    t.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="batch size (default: the recipe's)")
+    t.add_argument("--grad-clip", type=_positive_float, default=None,
+                   help="clip each step's gradient norm to this (default: off)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to train (default: auto)")
+    t.add_argument("--progress", action="store_true", help="show a progress bar")
+
+    e = sub.add_parser("encode", parents=[common], help="points -> atlas codes (chart, z)")
+    e.add_argument("run", help="run folder")
+    e.add_argument("input", help=".npy or .csv of shape (n, d)")
+    e.add_argument("output", help=".npy or .csv to write, shape (n, 1 + latent_dim)")
+
+    d = sub.add_parser("decode", parents=[common], help="atlas codes -> points")
+    d.add_argument("run", help="run folder")
+    d.add_argument("input", help=".npy or .csv of codes, shape (n, 1 + latent_dim)")
+    d.add_argument("output", help=".npy or .csv to write, shape (n, d)")
+
+    v = sub.add_parser("evaluate", parents=[common], help="print the metrics of a run")
+    v.add_argument("run", help="run folder")
+    v.add_argument("--data", help="a dataset name or .npy/.csv file (default: the run's own "
+                   "test set)")
+    v.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def _load_data(spec: str, n_samples: int, noise: float, seed: int):
+    """(X_train, X_test, t_test, closed, info) for a dataset name or a file."""
+    from .data import load_array
+    from .datasets import DATASETS, get_dataset
+
+    path = Path(spec)
+    if path.suffix.lower() in (".npy", ".csv", ".txt") or path.exists():
+        X = load_array(path, min_samples=2)
+        return X, None, None, False, {"file": str(path.resolve()), "shape": list(X.shape)}
+    if spec.replace("-", "_").lower() not in DATASETS and spec not in ("figure-8",):
+        raise ValueError(f"unknown dataset {spec!r} and no such file; valid names: "
+                         f"{', '.join(DATASETS)}")
+    info = get_dataset(spec)
+    X, _ = info.make(n_samples, noise=noise, random_state=seed)
+    if info.has_grid:
+        X_te, t_te = info.make(n_samples, grid=True)
+    else:
+        X_te, t_te = info.make(n_samples, noise=noise, random_state=seed + 1)
+        t_te = None
+    return X, X_te, t_te, info.closed, {"name": spec, "n_samples": n_samples, "noise": noise,
+                                         "random_state": seed, "manifold_dim": info.manifold_dim}
+
+
+def _print_metrics(m: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(m, indent=2))
+        return
+    width = max(len(k) for k in m)
+    for k, v in m.items():
+        print(f"{k:<{width}}  {v:.6g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+
+
+def cmd_reproduce(args) -> int:
+    from .study import StudySpec, run_study
+
+    spec = StudySpec(out=Path(args.out), recipe=args.recipe, epochs=args.epochs, seed=args.seed,
+                     seeds=args.seeds, device=args.device, figures=not args.no_figures,
+                     progress=args.progress)
+    table = run_study(spec)
+    last = max(r["epoch"] for r in table) if table else 0
+    print(f"{'dataset':<8} {'experts':>7} {'mse_soft':>10} {'mse_hard':>10} {'fvu_hard':>10} "
+          f"{'used':>4}")
+    for r in table:
+        if r["epoch"] == last:
+            print(f"{r['dataset']:<8} {r['n_experts']:>7} {r['mse_soft']:>10.4g} "
+                  f"{r['mse_hard']:>10.4g} {r['fvu_hard']:>10.3g} {r['experts_used']:>4g}")
+    times = ", ".join(f"{k} {v:.2f}s" for k, v in spec.timings.items())
+    print(f"wrote {spec.out}/metrics.csv, metrics.json" +
+          (", figures/" if spec.figures else "") + f" ({times})")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import recipe
+    from .run import resume_run, train_run
+
+    if args.resume:
+        tr = resume_run(args.resume, args.epochs, progress=args.progress)
+        print(f"resumed {args.resume}: {tr.state.epoch} epochs, {tr.state.step} steps")
+        return 0
+    X, X_te, t_te, closed, info = _load_data(args.data, args.n_samples, args.noise, args.seed)
+    latent = args.latent_dim or info.get("manifold_dim", 1)
+    mc, tc = recipe(args.recipe, n_experts=args.experts, latent_dim=latent, epochs=args.epochs,
+                    seed=args.seed, lr=args.lr, batch_size=args.batch_size,
+                    grad_clip=args.grad_clip, device=args.device)
+    tr = train_run(args.out, X, mc, tc, X_test=X_te, t_test=t_te, closed=closed,
+                   data_info=info, force=args.force, progress=args.progress)
+    print(f"trained {args.out}: {tr.state.epoch} epochs, {tr.state.step} steps")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from .data import load_array, save_array
+    from .run import encode, load_model
+
+    model, _ = load_model(args.run)
+    X = load_array(args.input, n_features=model.cfg.n_features)
+    codes = encode(model, X)
+    header = ["chart"] + [f"z{i}" for i in range(model.cfg.latent_dim)]
+    save_array(args.output, codes, header)
+    print(f"encoded {len(X)} points -> {args.output}")
+    return 0
+
+
+def cmd_decode(args) -> int:
+    from .data import DataError, load_array, save_array
+    from .run import decode, load_model
+
+    model, _ = load_model(args.run)
+    codes = load_array(args.input)
+    try:
+        X = decode(model, codes)
+    except ValueError as exc:
+        raise DataError(f"{args.input}: {exc}") from None
+    save_array(args.output, X, [f"x{i}" for i in range(X.shape[1])])
+    print(f"decoded {len(X)} codes -> {args.output}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .data import DataError
+    from .run import evaluate_run, load_model
+
+    X = t = closed = None
+    if args.data:
+        model, config = load_model(args.run)
+        seed = int(config.get("data", {}).get("random_state", 0)) + 2
+        X, X_te, t, closed, _ = _load_data(args.data, 1000, 0.0, seed)
+        if X_te is not None:
+            X = X_te
+        if X.shape[1] != model.cfg.n_features:
+            raise DataError(f"{args.data}: has {X.shape[1]} features but the model expects "
+                            f"{model.cfg.n_features}")
+    _print_metrics(evaluate_run(args.run, X, t, closed), args.json)
+    return 0
+
+
+COMMANDS = {"reproduce": cmd_reproduce, "train": cmd_train, "encode": cmd_encode,
+            "decode": cmd_decode, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":  # usage errors exit 2, as argparse's own
+        if args.resume and (args.out or args.data):
+            parser.error("train --resume takes the run folder; do not also give --out/--data")
+        if not args.resume and not (args.data and args.out):
+            parser.error("train needs --data and --out (or --resume RUN_DIR)")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # denormal Adam moments slow CPU steps several-fold
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .run import RunError
+    from .training import DivergenceError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (DataError, RunError, CheckpointError, DivergenceError, ValueError, TypeError,
+            OSError) as exc:
+        if args.debug:
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

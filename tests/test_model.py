@@ -1,0 +1,139 @@
+"""The stacked model against an independent per-expert computation with the same weights."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeae.config import ModelConfig, TrainConfig, recipe
+from moeae.layers import DropoutMasks
+from moeae.model import MoEAE
+from moeae.training import Trainer
+
+
+def mlp_reference(layers, x, out_act):
+    """One MLP, layer by layer, with plain F.linear on one group's weights."""
+    for i, (w, b) in enumerate(layers):
+        x = F.linear(x, w.T, b[0])
+        if i < len(layers) - 1:
+            x = torch.relu(x)
+    return torch.tanh(x) if out_act == "tanh" else x
+
+
+def weights(mlp, g):
+    return [(lay.weight[g].detach(), lay.bias[g].detach()) for lay in mlp.layers]
+
+
+def reference_forward(model, x):
+    """Loop over models and experts: the seed's own formulation."""
+    outs = []
+    g = 0
+    for m, E in enumerate(model.counts):
+        logits = mlp_reference(weights(model.router, m), x[m], "linear")[:, :E]
+        p = torch.softmax(logits, -1)
+        x_hat = torch.zeros_like(x[m])
+        for e in range(E):
+            z = mlp_reference(weights(model.encoder, g), x[m], "tanh")
+            y = mlp_reference(weights(model.decoder, g), z, "linear")
+            x_hat += p[:, e:e + 1] * y
+            g += 1
+        outs.append(x_hat)
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("counts", [[1], [4], [1, 2, 4, 8]])
+def test_stacked_experts_equal_per_expert_loop(counts):
+    cfg = ModelConfig(n_features=3, latent_dim=2, width=16, depth=3)
+    model = MoEAE(cfg, counts)
+    model.reset_parameters(list(range(len(counts))))
+    x = torch.randn(len(counts), 50, 3)
+    out = model(x)
+    np.testing.assert_allclose(out.x_hat.detach(), reference_forward(model, x).detach(),
+                               atol=1e-6)
+    assert out.expert_outputs.shape == (sum(counts), 50, 3)
+    assert out.latents.shape == (sum(counts), 50, 2)
+    assert out.probs.shape == (len(counts), 50, max(counts))
+    # padded experts get zero probability
+    for m, E in enumerate(counts):
+        assert torch.all(out.probs[m, :, E:] == 0)
+        np.testing.assert_allclose(out.probs[m].sum(-1).detach(), 1.0, atol=1e-6)
+
+
+def test_population_member_initialised_as_alone():
+    cfg = ModelConfig(width=8, depth=2)
+    pop = MoEAE(cfg, [2, 8, 3])
+    pop.reset_parameters([5, 6, 7])
+    alone = MoEAE(cfg, [8])
+    alone.reset_parameters([6])
+    x = torch.randn(1, 20, 2)
+    xs = torch.cat([torch.randn(1, 20, 2), x, torch.randn(1, 20, 2)])
+    np.testing.assert_allclose(pop(xs).x_hat[1].detach(), alone(x).x_hat[0].detach(),
+                               atol=1e-6)
+
+
+def test_encode_decode_is_the_hard_reconstruction():
+    cfg = ModelConfig(width=16, depth=2, n_experts=3)
+    model = MoEAE(cfg).eval()
+    model.reset_parameters([0])
+    x = torch.randn(1, 40, 2)
+    chart, z = model.encode(x)
+    x_dec = model.decode(chart, z)
+    out = model(x)
+    chart2, x_hard = model.hard(out)
+    assert torch.equal(chart, chart2)
+    np.testing.assert_allclose(x_dec, x_hard, atol=1e-6)
+    # and it is the chosen expert's own output
+    y = model.padded(out.expert_outputs)
+    for i in range(40):
+        np.testing.assert_allclose(x_hard[0, i], y[0, chart[0, i], i].detach(), atol=1e-6)
+
+
+def test_dropout_rate_and_scale():
+    gen = torch.Generator().manual_seed(0)
+    drop = DropoutMasks(0.1, [gen])
+    x = torch.ones(1, 1000, 100)
+    drop.start([100000], "cpu")
+    y = drop(x, [1])
+    kept = (y > 0).float().mean().item()
+    assert abs(kept - 0.9) < 0.005
+    assert torch.allclose(y[y > 0], torch.tensor(1 / 0.9), atol=1e-4)
+
+
+def _train(counts, seeds, datas, epochs=2):
+    mc, tc = recipe("seed", epochs=epochs, width=16, depth=2)
+    model = MoEAE(mc, counts)
+    tr = Trainer(model, tc, seeds)
+    X = torch.tensor(np.stack(datas), dtype=torch.float32)
+    tr.initialize(X)
+    tr.fit(X, epochs)
+    return tr
+
+
+def test_population_training_equals_training_alone():
+    rng = np.random.default_rng(0)
+    datas = [rng.normal(size=(100, 2)) for _ in range(3)]
+    pop = _train([2, 4, 1], [10, 11, 12], datas)
+    for m, (E, seed) in enumerate([(2, 10), (4, 11), (1, 12)]):
+        alone = _train([E], [seed], [datas[m]])
+        x = torch.tensor(datas[m][None], dtype=torch.float32)
+        xs = torch.tensor(np.stack(datas), dtype=torch.float32)
+        pop.model.eval()
+        alone.model.eval()
+        with torch.no_grad():
+            a = pop.model(xs).x_hat[m]
+            b = alone.model(x).x_hat[0]
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(pop.state.history[-1][m], alone.state.history[-1][0],
+                                   rtol=1e-5)
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match=">= 1 expert"):
+        MoEAE(ModelConfig(), [2, 0])
+    with pytest.raises(ValueError, match="dropout must be in"):
+        DropoutMasks(1.5, [])
+    with pytest.raises(ValueError, match="unknown recipe 'fast'; valid recipes: seed, best"):
+        recipe("fast")
+    with pytest.raises(TypeError, match="unknown setting 'colour'"):
+        recipe("seed", colour=1)
+    assert TrainConfig().routing == "soft"
