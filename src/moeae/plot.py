@@ -1,12 +1,9 @@
 """Figures of trained Mixture-of-Experts autoencoders on curves.
 
-Every function takes *snapshots*: dicts of numpy arrays for one model evaluated on ``n`` test
-points, as returned per model by :meth:`moeae.training.Trainer.evaluate`:
-
-- ``inputs`` ``(n, d)``, ``x_soft`` ``(n, d)``, ``x_hard`` ``(n, d)``;
-- ``chart`` ``(n,)`` int, the most probable expert; ``probs`` ``(n, E)``;
-- ``expert_outputs`` ``(E, n, d)``; ``latents`` ``(E, n, k)``;
-- optionally ``t`` ``(n,)``, the true curve parameter.
+Every function takes *snapshots*: dicts of numpy arrays for one model on ``n`` test points (per
+model, as :meth:`moeae.training.Trainer.evaluate` returns them): ``inputs``, ``x_soft``,
+``x_hard`` (n, d); ``chart`` (n,) int, the most probable expert; ``probs`` (n, E);
+``expert_outputs`` (E, n, d); ``latents`` (E, n, k); optionally ``t`` (n,), the curve parameter.
 
 Points are drawn in 2-D for ``d == 2``, on 3-D axes for ``d == 3`` and on the first two principal
 components of ``inputs`` for ``d > 3`` (the title then ends in " (PCA)"). Each function writes a
@@ -22,17 +19,21 @@ from os import PathLike
 from pathlib import Path
 
 import numpy as np
-from matplotlib.collections import LineCollection
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection, PathCollection
 from matplotlib.figure import Figure
 from matplotlib.layout_engine import TightLayoutEngine
 
 __all__ = ["plot_vanilla", "plot_grid_functions", "plot_grid_epochs", "plot_charts"]
 
 _LINE_STRIDE = 10  # a grey line from every 10th input to its reconstruction, as the reference
+# matplotlib's candidate order for loc="best" (codes 1 to 10, less "right" = "center right")
+_BEST_ORDER = ("upper right", "upper left", "lower left", "lower right", "center right",
+               "center left", "lower center", "upper center", "center")
 
 
 def _projector(inputs: np.ndarray):
-    """Map ``(m, d)`` arrays to the drawn coordinates.
+    """Map ``(m, d)`` arrays to the drawn coordinates, given ``inputs`` (n, d).
 
     Returns ``(project, dim, suffix)``: ``dim`` is 2 or 3, ``suffix`` is " (PCA)" when ``d > 3``.
     """
@@ -42,18 +43,22 @@ def _projector(inputs: np.ndarray):
     if d == 1:
         return (lambda a: np.column_stack([a[:, 0], np.zeros(len(a))])), 2, ""
     mean = inputs.mean(axis=0)
-    _, _, vt = np.linalg.svd(inputs - mean, full_matrices=False)
-    basis = vt[:2].T  # (d, 2)
+    centred = inputs - mean
+    # SVD of the (d, d) scatter matrix, not of the (n, d) data: same leading directions, and
+    # the big LAPACK call's OpenBLAS threads stalled for ~1 s a call on a busy 2-core machine.
+    basis = np.linalg.svd(centred.T @ centred, hermitian=True)[0][:, :2]  # (d, 2)
+    # Fix each component's sign (largest loading positive) so reruns don't mirror the plot.
+    basis *= np.sign(basis[np.abs(basis).argmax(axis=0), [0, 1]])
     return (lambda a: (np.asarray(a) - mean) @ basis), 2, " (PCA)"
 
 
-def _add_axes(fig: Figure, rows: int, cols: int, index: int, dim: int):
-    return fig.add_subplot(rows, cols, index, projection="3d" if dim == 3 else None)
+def _add_axes(fig: Figure, rows: int, cols: int, index: int, snap: dict):
+    projection = "3d" if np.shape(snap["inputs"])[1] == 3 else None
+    return fig.add_subplot(rows, cols, index, projection=projection)
 
 
 def _scatter(ax, pts: np.ndarray, **kw):
-    # pts.T unpacks to (x, y) on 2-D axes and (xs, ys, zs) on 3-D axes.
-    return ax.scatter(*pts.reshape(-1, pts.shape[-1]).T, **kw)
+    return ax.scatter(*pts.T, **kw)  # (x, y) on 2-D axes, (xs, ys, zs) on 3-D axes
 
 
 def _chart_groups(chart: np.ndarray):
@@ -98,36 +103,75 @@ def _draw_panel(ax, snap: dict, reconstruction: str = "x_soft", title: str = "",
         ax.add_collection(LineCollection(segments, colors="black", alpha=0.1, zorder=2))
         ax.set_aspect("equal")
     ax.set_title(title + suffix)
-    return [t.get_text() for t in ax.legend().get_texts()]
+    return [t.get_text() for t in _legend(ax).get_texts()]
+
+
+def _legend(ax, **kw):
+    # A placeholder spot in 2-D: _save moves the legend to the emptiest one. On 3-D axes the
+    # upper left corner is clear of the z tick labels.
+    return ax.legend(loc="upper left" if ax.name == "3d" else "upper right", **kw)
+
+
+def _place_legends(fig: Figure) -> None:
+    """Move each 2-D legend to the first of matplotlib's "best" spots covering fewest points.
+
+    loc="best" does the same search, but re-collects every point as a list of rows for each of
+    the 9 candidates on every layout and draw pass (~25 ms a panel); this runs once, vectorised.
+    """
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        leg = ax.get_legend()
+        if leg is None or ax.name == "3d":
+            continue
+        ax.apply_aspect()  # the final axes box, as drawn
+        pts = [c.get_offset_transform().transform(c.get_offsets())
+               for c in ax.collections if isinstance(c, PathCollection)]
+        pts = np.concatenate(pts) if pts else np.zeros((0, 2))
+        w, h = leg.get_window_extent(renderer).size
+        pad = leg.borderaxespad * renderer.points_to_pixels(leg.prop.get_size_in_points())
+        x0, y0, x1, y1 = ax.bbox.padded(-pad).extents
+        xs = {"left": x0, "center": (x0 + x1 - w) / 2, "right": x1 - w}
+        ys = {"lower": y0, "center": (y0 + y1 - h) / 2, "upper": y1 - h}
+        best, best_count = None, np.inf
+        for loc in _BEST_ORDER:
+            vert, _, horiz = loc.rpartition(" ")
+            x, y = xs[horiz], ys[vert or "center"]
+            count = np.count_nonzero((pts[:, 0] > x) & (pts[:, 0] < x + w)
+                                     & (pts[:, 1] > y) & (pts[:, 1] < y + h))
+            if count < best_count:
+                best, best_count = loc, count
+            if count == 0:
+                break
+        if hasattr(leg, "set_loc"):
+            leg.set_loc(best)
+        else:  # matplotlib 3.7
+            leg._loc = leg.codes[best]
 
 
 def _save(fig: Figure, path):
-    # TightLayoutEngine.execute adjusts the subplots once without attaching an engine to the
-    # figure; fig.tight_layout() would leave one attached and make savefig lay out and draw twice.
-    TightLayoutEngine().execute(fig)
+    FigureCanvasAgg(fig)
+    # TightLayoutEngine.execute adjusts the subplots without attaching an engine to the figure;
+    # fig.tight_layout() would leave one attached and make savefig lay out and draw twice.
+    TightLayoutEngine(rect=None).execute(fig)  # rect=None: one layout pass, not two
+    _place_legends(fig)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
 
 
-def _grid(cells: list[list[tuple[str, dict]]], path, reconstruction: str):
-    """Draw a rows x cols grid of ``(title, snapshot)`` panels (None for a missing cell)."""
-    rows, cols = len(cells), max(len(r) for r in cells)
-    fig = Figure(figsize=(5 * cols, 5 * rows))
-    for r, row in enumerate(cells):
-        for c, cell in enumerate(row):
-            if cell is None:
-                continue
-            title, snap = cell
-            ax = _add_axes(fig, rows, cols, r * cols + c + 1, _projector(snap["inputs"])[1])
-            _draw_panel(ax, snap, reconstruction, title)
-    return _save(fig, path)
-
-
-def _grid_cells(grid: dict, row_keys, title_fmt: str):
+def _grid(grid: dict, row_keys: list, title_fmt: str, path, reconstruction: str):
+    """Draw ``grid[row, E]`` in rows ``row_keys`` x sorted ``E`` columns; missing cells empty."""
+    if not grid:
+        raise ValueError("grid is empty")
     cols = sorted({e for _, e in grid})
-    return [[(title_fmt.format(r, e), grid[r, e]) if (r, e) in grid else None for e in cols]
-            for r in row_keys]
+    fig = Figure(figsize=(5 * len(cols), 5 * len(row_keys)))
+    for r, key in enumerate(row_keys):
+        for c, n_exp in enumerate(cols):
+            if (key, n_exp) in grid:
+                snap = grid[key, n_exp]
+                ax = _add_axes(fig, len(row_keys), len(cols), r * len(cols) + c + 1, snap)
+                _draw_panel(ax, snap, reconstruction, title_fmt.format(key, n_exp))
+    return _save(fig, path)
 
 
 def plot_vanilla(snapshots: dict[str, dict], path: str | PathLike, epoch: int):
@@ -143,7 +187,7 @@ def plot_vanilla(snapshots: dict[str, dict], path: str | PathLike, epoch: int):
         raise ValueError("snapshots is empty")
     fig = Figure(figsize=(15, 5))
     for j, (name, snap) in enumerate(snapshots.items()):
-        ax = _add_axes(fig, 1, len(snapshots), j + 1, _projector(snap["inputs"])[1])
+        ax = _add_axes(fig, 1, len(snapshots), j + 1, snap)
         _draw_panel(ax, snap, "x_soft", f"{name}, vanilla AE, epoch {epoch}", by_chart=False)
     return _save(fig, path)
 
@@ -159,10 +203,8 @@ def plot_grid_functions(grid: dict[tuple[str, int], dict], path: str | PathLike,
     path : PNG to write; figure ``5 * cols`` x ``5 * rows`` inches.
     reconstruction : ``"x_soft"`` (default) or ``"x_hard"``.
     """
-    if not grid:
-        raise ValueError("grid is empty")
     names = list(dict.fromkeys(name for name, _ in grid))
-    return _grid(_grid_cells(grid, names, "{}, {} Experts"), path, reconstruction)
+    return _grid(grid, names, "{}, {} Experts", path, reconstruction)
 
 
 def plot_grid_epochs(grid: dict[tuple[int, int], dict], path: str | PathLike,
@@ -176,10 +218,8 @@ def plot_grid_epochs(grid: dict[tuple[int, int], dict], path: str | PathLike,
     name : the data set, for the caller's records; the titles read "Epoch {epoch}, {E} Experts"
         as in the reference.
     """
-    if not grid:
-        raise ValueError("grid is empty")
     epochs = sorted({ep for ep, _ in grid})
-    return _grid(_grid_cells(grid, epochs, "Epoch {}, {} Experts"), path, "x_soft")
+    return _grid(grid, epochs, "Epoch {}, {} Experts", path, "x_soft")
 
 
 def plot_charts(grid: dict[tuple[str, int], dict], path: str | PathLike):
@@ -202,7 +242,7 @@ def plot_charts(grid: dict[tuple[str, int], dict], path: str | PathLike):
         project, dim, suffix = _projector(snap["inputs"])
         chart = np.asarray(snap["chart"]).astype(int)
         n = chart.shape[0]
-        ax = _add_axes(fig, len(grid), 2, 2 * r + 1, dim)
+        ax = _add_axes(fig, len(grid), 2, 2 * r + 1, snap)
         _scatter(ax, project(snap["inputs"]), color="0.85", s=16, label="Input")
         hard = project(snap["x_hard"])
         for i, mask in _chart_groups(chart):
@@ -210,7 +250,7 @@ def plot_charts(grid: dict[tuple[str, int], dict], path: str | PathLike):
         if dim == 2:
             ax.set_aspect("equal")
         ax.set_title(f"{name}, {n_exp} experts: hard reconstruction{suffix}")
-        ax.legend(markerscale=2)
+        _legend(ax, markerscale=2)
 
         z = np.asarray(snap["latents"])[chart, np.arange(n), 0]
         t = snap.get("t")
@@ -219,7 +259,8 @@ def plot_charts(grid: dict[tuple[str, int], dict], path: str | PathLike):
         ax = fig.add_subplot(len(grid), 2, 2 * r + 2)
         for i, mask in _chart_groups(chart):
             ax.scatter(x[mask], z[mask], color=f"C{i + 1}", s=8)
-        ax.set_xlabel("point index" if t is None else "t")
+        against = "point index" if t is None else "t"
+        ax.set_xlabel(against)
         ax.set_ylabel("chart coordinate z")
-        ax.set_title(f"{name}, {n_exp} experts: chart coordinate z vs t")
+        ax.set_title(f"{name}, {n_exp} experts: chart coordinate z vs {against}")
     return _save(fig, path)
