@@ -20,6 +20,7 @@ class ModelConfig:
     n_experts: int = 4  # E: experts (charts) per model
     width: int = 100  # hidden units of every MLP (router, encoders, decoders)
     depth: int = 4  # hidden layers of every MLP
+    activation: str = "relu"  # hidden activation: relu | silu | tanh | softplus
     dropout: float = 0.1  # dropout after each hidden layer
     output_dropout: bool = True  # seed quirk: dropout also on latents, outputs and router logits
 
@@ -40,7 +41,10 @@ class TrainConfig:
     expert_weight: str = "router"  # experts learn each point weighted by "router" or "target"
     balance_weight: float = 0.0  # Switch-style load-balancing loss weight
     spectral_init: bool = False  # start routing from a spectral embedding + k-means
-    warm_start_epochs: int = 0  # epochs of router-only fit to the initial charts
+    warm_start_epochs: int = 0  # epochs of training towards the initial charts
+    init_overlap: float = 0.0  # soft initial charts near boundaries (0: hard)
+    relabel_neighbors: int = 0  # > 0: per-epoch targets averaged over this many neighbours
+    relabel_hard: bool = False  # per-epoch targets one-hot (the argmax of the average)
     standardize: bool = False  # centre inputs and divide by one overall scale
     input_noise: float = 0.0  # Gaussian noise on (standardized) training inputs
     drop_unused: bool = False  # record charts used by < 1% of training points as unused
@@ -53,11 +57,12 @@ def _seed_recipe() -> tuple[ModelConfig, TrainConfig]:
 
 
 def _best_recipe() -> tuple[ModelConfig, TrainConfig]:
-    model = ModelConfig(width=64, depth=3, dropout=0.0, output_dropout=False)
+    model = ModelConfig(width=100, depth=4, dropout=0.0, output_dropout=False)
     train = TrainConfig(
         epochs=100, batch_size=64, lr=3e-3, schedule="cosine", warmup_epochs=1,
         router_loss_weight=0.0, routing="responsibility", tau_start=0.1, tau_end=1e-3,
-        spectral_init=True, warm_start_epochs=10, standardize=True,
+        spectral_init=True, warm_start_epochs=20, init_overlap=0.3, relabel_neighbors=10,
+        relabel_hard=True, standardize=True,
     )
     return model, train
 

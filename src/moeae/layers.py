@@ -105,11 +105,18 @@ class DropoutMasks:
         r = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # (G, B, W)
         return x.masked_fill(r < self.threshold, 0.0).mul_(self.scale)
 
+# ReLU networks are piecewise linear, so a curved chart is fitted by line segments with an
+# error floor set by the number of pieces; smooth activations fit smooth manifolds far closer.
+HIDDEN = {"relu": torch.relu, "silu": torch.nn.functional.silu, "tanh": torch.tanh,
+          "softplus": torch.nn.functional.softplus}
+
+
 class StackedMLP(nn.Module):
     """``G`` MLPs ``in -> width x depth (ReLU) -> out (activation)``, stacked."""
 
     def __init__(self, groups: int, in_features: int, width: int, depth: int,
-                 out_features: int, activation: str = "linear", output_dropout: bool = False):
+                 out_features: int, activation: str = "linear", output_dropout: bool = False,
+                 hidden_activation: str = "relu"):
         super().__init__()
         sizes = [in_features] + [width] * depth + [out_features]
         self.layers = nn.ModuleList(
@@ -117,7 +124,11 @@ class StackedMLP(nn.Module):
         )
         if activation not in ("linear", "tanh"):
             raise ValueError(f"unknown activation {activation!r}")
+        if hidden_activation not in HIDDEN:
+            raise ValueError(f"unknown hidden activation {hidden_activation!r}; valid: "
+                             f"{', '.join(HIDDEN)}")
         self.activation = activation
+        self.hidden = HIDDEN[hidden_activation]
         self.output_dropout = output_dropout
 
     def reset_group_(self, g: int, generator: torch.Generator, out: int | None = None) -> None:
@@ -129,7 +140,7 @@ class StackedMLP(nn.Module):
         """x: (G, B, in) -> (G, B, out); ``dropout(h)`` is applied after each hidden layer."""
         *hidden, last = self.layers
         for layer in hidden:
-            x = torch.relu(layer(x))  # (G, B, width)
+            x = self.hidden(layer(x))  # (G, B, width)
             if dropout is not None:
                 x = dropout(x)
         x = last(x)

@@ -51,9 +51,10 @@ class MoEAE(nn.Module):
         self.counts = counts
         M, G, E = len(counts), sum(counts), max(counts)
         d, k, H, L = cfg.n_features, cfg.latent_dim, cfg.width, cfg.depth
-        self.router = StackedMLP(M, d, H, L, E, "linear", cfg.output_dropout)
-        self.encoder = StackedMLP(G, d, H, L, k, "tanh", cfg.output_dropout)
-        self.decoder = StackedMLP(G, k, H, L, d, "linear", cfg.output_dropout)
+        act, od = cfg.activation, cfg.output_dropout
+        self.router = StackedMLP(M, d, H, L, E, "linear", od, hidden_activation=act)
+        self.encoder = StackedMLP(G, d, H, L, k, "tanh", od, hidden_activation=act)
+        self.decoder = StackedMLP(G, k, H, L, d, "linear", od, hidden_activation=act)
         model_of = torch.repeat_interleave(torch.arange(M), torch.tensor(counts))
         slot_of = torch.cat([torch.arange(c) for c in counts])
         self.register_buffer("expert_model", model_of, persistent=False)  # (G,)

@@ -73,8 +73,9 @@ class LossTerms(torch.nn.Module):
 
 
 def spectral_charts(X: np.ndarray, n_charts: int, n_components: int, seed: int,
-                    max_points: int = 2000) -> np.ndarray:
-    """Initial chart labels: k-means on an Isomap embedding of a k-nearest-neighbour graph.
+                    max_points: int = 2000, overlap: float = 0.0) -> np.ndarray:
+    """Initial chart assignments (n, n_charts): k-means on an Isomap embedding of a
+    k-nearest-neighbour graph, one-hot, or soft near the boundaries when ``overlap`` > 0.
 
     Isomap preserves geodesic (along-the-manifold) distances, so the clusters are contiguous
     pieces of the manifold of similar *length* (arcs of a curve, patches of a surface). A
@@ -88,7 +89,7 @@ def spectral_charts(X: np.ndarray, n_charts: int, n_components: int, seed: int,
 
     n = len(X)
     if n_charts == 1 or n < 4:
-        return np.zeros(n, dtype=np.int64)
+        return np.ones((n, n_charts))
     rng = np.random.default_rng(seed)
     sub = np.sort(rng.choice(n, max_points, replace=False)) if n > max_points else np.arange(n)
     Xs = X[sub]
@@ -99,10 +100,19 @@ def spectral_charts(X: np.ndarray, n_charts: int, n_components: int, seed: int,
     except (ValueError, np.linalg.LinAlgError):
         emb = Xs  # a degenerate graph (duplicates, tiny data): cluster in the ambient space
     km = KMeans(n_clusters=min(n_charts, len(Xs)), n_init=4, random_state=seed).fit(emb)
-    labels = km.labels_.astype(np.int64)
+    d2 = km.transform(emb) ** 2  # (n_sub, n_charts) squared distances to the centres
+    if overlap > 0:
+        # soft within ~overlap x the centre spacing of a boundary: neighbours learn to reach
+        # across it, so the responsibility phase can move boundaries where that fits better
+        c = km.cluster_centers_
+        gap = np.sort(((c[:, None] - c[None]) ** 2).sum(-1), axis=1)[:, 1].mean()
+        z = -(d2 - d2.min(1, keepdims=True)) / (overlap * gap)
+        soft = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    else:
+        soft = np.eye(n_charts)[d2.argmin(1)]
     if len(sub) < n:
-        labels = KNeighborsClassifier(1).fit(Xs, labels).predict(X).astype(np.int64)
-    return labels
+        soft = soft[KNeighborsClassifier(1).fit(Xs, np.arange(len(Xs))).predict(X)]
+    return soft
 
 
 @dataclass
@@ -137,7 +147,8 @@ class Trainer:
                              for s in self.seeds]
         mc = model.cfg
         self.dropout = DropoutMasks(mc.dropout, self.dropout_gens) if mc.dropout > 0 else None
-        self.labels: torch.Tensor | None = None  # (M, n) initial charts (spectral_init)
+        self.labels: torch.Tensor | None = None  # (M, n, E) routing targets per point
+        self.knn: torch.Tensor | None = None  # (M, n, k) neighbours of each training point
         opt_cls = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
         self.optimizer = opt_cls(self.model.parameters(), lr=cfg.lr,
                                  weight_decay=cfg.weight_decay, fused=True)
@@ -155,9 +166,47 @@ class Trainer:
                 self.model.scale.copy_(scale.clamp_min(1e-12))
         if self.cfg.spectral_init:
             k = self.model.cfg.latent_dim
-            labels = [spectral_charts(X[m].cpu().numpy(), c, k + 1, s)
+            E = max(self.model.counts)
+            labels = [np.pad(spectral_charts(X[m].cpu().numpy(), c, k + 1, s,
+                                             overlap=self.cfg.init_overlap), ((0, 0), (0, E - c)))
                       for m, (c, s) in enumerate(zip(self.model.counts, self.seeds))]
-            self.labels = torch.as_tensor(np.stack(labels), device=self.device)
+            self.labels = torch.as_tensor(np.stack(labels), dtype=torch.float32,
+                                          device=self.device)
+        if self.cfg.routing == "responsibility" and self.cfg.relabel_neighbors > 0:
+            from sklearn.neighbors import NearestNeighbors
+
+            k = min(self.cfg.relabel_neighbors, X.shape[1])
+            knn = [NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)[1]
+                   for x in X.cpu().numpy()]
+            self.knn = torch.as_tensor(np.stack(knn), device=self.device)  # (M, n, k)
+
+    @torch.no_grad()
+    def relabel(self, X: torch.Tensor, progress: float) -> None:
+        """Routing targets for the next epoch, from the whole training set: each point's
+        responsibilities ``softmax(-err / tau)``, averaged over its nearest neighbours in the
+        data. The average keeps charts contiguous where two experts fit equally well, which
+        per-batch targets turned into many one-point fragments."""
+        m = self.model
+        was = m.training
+        m.eval()
+        valid = m.active[:, None, :]  # (M, 1, E)
+        errs = []
+        for i in range(0, X.shape[1], 4096):
+            xb = X[:, i:i + 4096]
+            y = m.padded(m(xb).expert_outputs)  # (M, E, b, d)
+            errs.append((((y - xb[:, None]) / m.scale[:, None]) ** 2).mean(-1).transpose(1, 2))
+        m.train(was)
+        err = torch.cat(errs, 1).masked_fill(~valid, float("inf"))  # (M, n, E)
+        ref = torch.where(valid, err, 0.0).sum((1, 2)) / (valid.sum((1, 2)) * err.shape[1])
+        tau = self.tau(progress) * ref.clamp_min(1e-12)[:, None, None]  # (M, 1, 1)
+        r = torch.softmax(-err / tau, dim=-1)  # (M, n, E)
+        M, n, k = self.knn.shape
+        E = r.shape[-1]
+        idx = self.knn.reshape(M, n * k, 1).expand(-1, -1, E)
+        r = r.gather(1, idx).view(M, n, k, E).mean(2)  # (M, n, E)
+        if self.cfg.relabel_hard:  # winner takes the point: overlaps shrink, ties resolve
+            r = torch.nn.functional.one_hot(r.argmax(-1), E).to(r.dtype)
+        self.labels = r
 
     def lr_factor(self, step: int, total: int, steps_per_epoch: int) -> float:
         warm = self.cfg.warmup_epochs * steps_per_epoch
@@ -192,14 +241,18 @@ class Trainer:
             err = err.transpose(1, 2)  # (M, E, B) -> (M, B, E)
             with torch.no_grad():
                 if warm:
-                    target = torch.nn.functional.one_hot(labels, err.shape[-1]).to(err.dtype)
+                    target = labels
                 else:
                     e = err.masked_fill(~valid[:, None, :], float("inf"))
                     ref = torch.where(valid[:, None, :], e, 0.0).sum(-1) / valid.sum(-1)[:, None]
                     t = self.tau(progress) * ref.mean(-1)[:, None, None].clamp_min(1e-12)
                     target = torch.softmax(-e / t, dim=-1)  # (M, B, E)
-                weight = target if warm or self.cfg.expert_weight == "target" \
-                    else out.probs.detach()
+                if warm:
+                    weight = labels
+                elif self.cfg.expert_weight == "target":
+                    weight = target
+                else:
+                    weight = out.probs.detach()
             logp = torch.log_softmax(out.logits, -1).masked_fill(~valid[:, None, :], 0.0)
             router = -(target * logp).sum(-1).mean(-1)  # cross-entropy (M,)
             expert = (weight * err.masked_fill(~valid[:, None, :], 0.0)).sum(-1).mean(-1)
@@ -247,14 +300,19 @@ class Trainer:
             perm = perm.to(self.device)  # (M, n)
             running = torch.zeros(M, device=self.device)
             warm = self.labels is not None and epoch < cfg.warm_start_epochs
+            if self.knn is not None and epoch >= cfg.warm_start_epochs:
+                self.relabel(X, epoch / max(1, epochs))
+                warm = True  # train towards the smoothed targets
             for s in range(steps_per_epoch):
                 idx = perm[:, s * cfg.batch_size:(s + 1) * cfg.batch_size]  # (M, b)
                 xb = X.gather(1, idx[..., None].expand(-1, -1, d))  # (M, b, d)
-                if cfg.input_noise > 0:
-                    noise = torch.randn(xb.shape, generator=self.dropout_gens[0],
-                                        device=self.device)
+                if cfg.input_noise > 0:  # each model's noise from its own stream
+                    noise = torch.cat([torch.randn((1,) + xb.shape[1:], generator=g,
+                                                   device=self.device)
+                                       for g in self.dropout_gens])
                     xb = xb + cfg.input_noise * m.scale * noise
-                lb = None if self.labels is None else self.labels.gather(1, idx)
+                lb = None if self.labels is None else self.labels.gather(
+                    1, idx[..., None].expand(-1, -1, self.labels.shape[-1]))  # (M, b, E)
                 for group in self.optimizer.param_groups:
                     group["lr"] = cfg.lr * self.lr_factor(st.step, total, steps_per_epoch)
                 loss, _ = self.loss(xb, lb, st.step / max(1, total), warm)
@@ -287,6 +345,8 @@ class Trainer:
             rng[f"shuffle.{i}"] = a.get_state()
             rng[f"dropout.{i}"] = b.get_state()
         extra = {} if self.labels is None else {"labels": self.labels}
+        if self.knn is not None:
+            extra["knn"] = self.knn
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "rng": rng, "extra": extra,
                 "state": {"epoch": self.state.epoch, "step": self.state.step,
@@ -301,6 +361,8 @@ class Trainer:
             b.set_state(sd["rng"][f"dropout.{i}"])
         labels = sd.get("extra", {}).get("labels")
         self.labels = None if labels is None else labels.to(self.device)
+        knn = sd.get("extra", {}).get("knn")
+        self.knn = None if knn is None else knn.to(self.device)
         st = sd["state"]
         self.state = TrainState(st["epoch"], st["step"], list(st["history"]))
 
