@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,16 @@ class CheckpointError(ValueError):
     """A checkpoint or run file is missing, truncated, corrupt or of another format."""
 
 
+def _new_file_mode(path: Path) -> int:
+    """The mode ``open(path, "w")`` would leave: the old file's, else 0o666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so a reader sees the old file or the new, never a part:
     a temporary file beside the target, flushed and fsynced, then ``os.replace``."""
@@ -38,6 +50,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _new_file_mode(path))  # mkstemp's 0600 -> what open() gives
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -88,23 +101,27 @@ def load_checkpoint(path) -> dict[str, Any]:
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8:8 + header_len])
         info = json.loads(header["__metadata__"]["moeae"])
-    except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
+            fmt = info.get("format") if isinstance(info, dict) else None
+            raise CheckpointError(f"checkpoint {path} has unknown format {fmt!r}")
+        out: dict[str, Any] = {"model": {}, "rng": {}, "extra": {}, "meta": info["meta"],
+                               "optimizer": None}
+        ostate: dict[int, dict] = {}
+        for name, t in tensors.items():
+            prefix, _, rest = name.partition(".")
+            if prefix == "optim":
+                idx, _, key = rest.partition(".")
+                ostate.setdefault(int(idx), {})[key] = t
+            elif prefix in ("model", "rng", "extra"):
+                out[prefix][rest] = t
+        if "param_groups" in info:
+            out["optimizer"] = {"state": ostate, "param_groups": info["param_groups"]}
+    except CheckpointError:
+        raise
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError,
+            UnicodeDecodeError) as exc:  # a crafted header, not only a damaged file
         raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a moeae "
                               f"checkpoint ({type(exc).__name__}: {exc})") from None
-    if info.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has unknown format {info.get('format')!r}")
-    out: dict[str, Any] = {"model": {}, "rng": {}, "extra": {}, "meta": info["meta"],
-                           "optimizer": None}
-    ostate: dict[int, dict] = {}
-    for name, t in tensors.items():
-        prefix, _, rest = name.partition(".")
-        if prefix == "optim":
-            idx, _, key = rest.partition(".")
-            ostate.setdefault(int(idx), {})[key] = t
-        elif prefix in ("model", "rng", "extra"):
-            out[prefix][rest] = t
-    if "param_groups" in info:
-        out["optimizer"] = {"state": ostate, "param_groups": info["param_groups"]}
     return out
 
 
@@ -121,5 +138,5 @@ def load_npz(path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from None

@@ -56,31 +56,26 @@ def check_data(X, where: str = "input", *, n_features: int | None = None,
 def _read_csv(path: Path) -> np.ndarray:
     with path.open(newline="") as f:
         text = f.read()
-    rows = [r for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
+    # (line number in the file, cells): blank lines are skipped but still counted
+    rows = [(i, r) for i, line in enumerate(text.splitlines(), start=1)
+            for r in csv.reader([line]) if r and any(c.strip() for c in r)]
     if not rows:
         raise DataError(f"{path}: empty file (no data rows)")
-
-    def parse(row):
-        return [float(c) for c in row]
-
-    start = 0
-    try:
-        parse(rows[0])
-    except ValueError:
-        start = 1  # a header line
+    # the first row is a header only when none of its cells is a number: a data row with a
+    # bad value ("1.0,abc") is reported, not silently dropped as a header
+    start = 1 if not any(_is_float(c) for c in rows[0][1]) else 0
     if start == len(rows):
         raise DataError(f"{path}: has a header but no data rows")
-    width = len(rows[start])
+    width = len(rows[start][1])
     values = []
-    for lineno, row in enumerate(rows[start:], start=start + 1):
+    for lineno, row in rows[start:]:
         if len(row) != width:
             raise DataError(f"{path}: ragged rows: line {lineno} has {len(row)} values, "
                             f"expected {width}")
-        try:
-            values.append(parse(row))
-        except ValueError:
-            bad = next(c for c in row if not _is_float(c))
-            raise DataError(f"{path}: line {lineno}: non-numeric value {bad.strip()!r}") from None
+        bad = next((c for c in row if not _is_float(c)), None)
+        if bad is not None:
+            raise DataError(f"{path}: line {lineno}: non-numeric value {bad.strip()!r}")
+        values.append([float(c) for c in row])
     return np.array(values, dtype=np.float64)
 
 
@@ -103,6 +98,11 @@ def load_array(path, *, n_features: int | None = None, min_samples: int = 1) -> 
     if suffix == ".npy":
         if path.stat().st_size == 0:
             raise DataError(f"{path}: empty file")
+        with path.open("rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":  # np.load would try a pickle or open a .npz
+            raise DataError(f"{path}: not a .npy file (no NumPy header); pickles and other "
+                            "formats are refused")
         try:
             X = np.load(path, allow_pickle=False)
         except ValueError as exc:

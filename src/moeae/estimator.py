@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_array
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -104,7 +105,8 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         Xt = _tensor(X)
         trainer.initialize(Xt)
         trainer.fit(Xt, tc.epochs, progress=bool(self.verbose))
-        self.model_ = trainer.model.cpu().eval()
+        # float64 inference: a point's code must not depend on the batch it is encoded in
+        self.model_ = trainer.model.cpu().double().eval()
         self.model_config_, self.train_config_ = mc, tc
         self.history_ = [h[0] for h in trainer.state.history]
         return self
@@ -139,7 +141,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         from .metrics import snapshot_metrics
         from .training import evaluate
 
-        snap = {k: v[0] for k, v in evaluate(self.model_, _tensor(X)).items()}
+        snap = {k: v[0] for k, v in evaluate(self.model_, _tensor(X, torch.float64)).items()}
         return snapshot_metrics(snap, neighborhood=False)[f"fvu_{kind}"]
 
     def __sklearn_is_fitted__(self):
@@ -152,7 +154,9 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         meta = {"params": self.get_params(), **to_dict(self.model_config_, self.train_config_),
                 "history": self.history_}
         meta["params"]["random_state"] = self.train_config_.seed
-        save_checkpoint(path, model=self.model_.state_dict(), meta=meta)
+        weights = {k: v.float() if v.is_floating_point() else v
+                   for k, v in self.model_.state_dict().items()}
+        save_checkpoint(path, model=weights, meta=meta)
 
     @classmethod
     def load(cls, path) -> MoEAutoencoder:
@@ -165,7 +169,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
             model.load_state_dict(ck["model"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{Path(path)} is not a saved MoEAutoencoder ({exc})") from None
-        est.model_ = model.eval()
+        est.model_ = model.double().eval()
         est.model_config_, est.train_config_ = mc, tc
         est.history_ = ck["meta"].get("history", [])
         est.n_features_in_ = mc.n_features

@@ -102,8 +102,8 @@ def snapshot_metrics(snap: dict, t: np.ndarray | None = None, closed: bool = Fal
     """All metrics of one model's snapshot as a flat dict of floats.
 
     ``t``: the true parameter (n,) of a curve, for chart shape; ``closed``: whether the curve
-    is closed. ``neighborhood=False`` skips trustworthiness and continuity (NaN). They and continuity use at most ``max_points`` points (evenly
-    subsampled) since they cost O(n^2).
+    is closed. ``neighborhood=False`` skips trustworthiness and continuity (NaN); they use
+    at most ``max_points`` points (evenly subsampled) since they cost O(n^2).
     """
     x, chart, probs = snap["inputs"], snap["chart"], snap["probs"]
     n = len(x)

@@ -20,8 +20,14 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import (CheckpointError, load_checkpoint, load_npz, save_checkpoint, save_npz,
-                         write_json)
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_npz,
+    save_checkpoint,
+    save_npz,
+    write_json,
+)
 from .config import ModelConfig, TrainConfig, from_dict, to_dict
 from .metrics import snapshot_metrics
 from .model import MoEAE
@@ -46,7 +52,8 @@ def check_configs(model_cfg: ModelConfig, train_cfg: TrainConfig, n_samples: int
         raise ValueError(f"latent_dim must be >= 1, got {model_cfg.latent_dim}")
     if model_cfg.latent_dim >= n_features:
         raise ValueError(f"latent_dim ({model_cfg.latent_dim}) must be smaller than the number "
-                         f"of features ({n_features}): an autoencoder must compress")
+                         f"of features (n_features = {n_features}): an autoencoder must "
+                         "compress")
     if model_cfg.width < 1 or model_cfg.depth < 1:
         raise ValueError(f"width and depth must be >= 1, got {model_cfg.width}, "
                          f"{model_cfg.depth}")
@@ -62,8 +69,8 @@ def check_configs(model_cfg: ModelConfig, train_cfg: TrainConfig, n_samples: int
         raise ValueError(f"routing must be 'soft' or 'responsibility', got {train_cfg.routing!r}")
 
 
-def _tensor(X: np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(X, dtype=np.float32))[None]  # (1, n, d)
+def _tensor(X: np.ndarray, dtype=torch.float32) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(X), dtype=dtype)[None]  # (1, n, d)
 
 
 def _snapshot(model: MoEAE, X: torch.Tensor) -> dict[str, np.ndarray]:
@@ -100,6 +107,15 @@ class _Recorder:
         self.checkpoint(trainer)
 
 
+def _remove_stale_tmp(run_dir: Path) -> None:
+    """Delete temporary files that a killed writer left beside our run files."""
+    for name in RUN_FILES[:-1]:
+        for p in run_dir.glob(f".{name}.*.tmp"):
+            p.unlink(missing_ok=True)
+    for p in run_dir.glob("snapshots/.epoch_*.npz.*.tmp"):
+        p.unlink(missing_ok=True)
+
+
 def _prepare_dir(run_dir: Path, force: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"{run_dir} exists and is not a folder")
@@ -113,6 +129,7 @@ def _prepare_dir(run_dir: Path, force: bool) -> None:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
+        _remove_stale_tmp(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -174,26 +191,31 @@ def resume_run(run_dir, epochs: int | None = None, progress: bool = False) -> Tr
             raise ValueError(f"epochs must be >= 0, got {epochs}")
         train_cfg.epochs = epochs
         config["train"]["epochs"] = epochs
-        write_json(run_dir / "config.json", config)
     trainer = Trainer(MoEAE(model_cfg), train_cfg, [train_cfg.seed],
                       resolve_device(train_cfg.device))
     try:
         trainer.load_state_dict({"model": ck["model"], "optimizer": ck["optimizer"],
                                  "rng": ck["rng"], "extra": ck["extra"],
                                  "state": ck["meta"]["state"]})
-    except (KeyError, RuntimeError) as exc:
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{run_dir / 'checkpoint.safetensors'} does not match "
-                              f"config.json ({exc})") from None
+                              f"config.json ({str(exc).splitlines()[0]})") from None
     done = trainer.state.epoch
     if train_cfg.epochs < done:
-        raise ValueError(f"run already has {done} epochs; --epochs {train_cfg.epochs} would "
-                         "go back")
+        raise ValueError(f"{run_dir} already has {done} epochs; --epochs {train_cfg.epochs} "
+                         "would go back")
     metrics_path = run_dir / "metrics.json"
     rows = []
     if metrics_path.is_file():
         import json
 
-        rows = [r for r in json.loads(metrics_path.read_text()) if r["epoch"] <= done]
+        try:
+            rows = [r for r in json.loads(metrics_path.read_text()) if r["epoch"] <= done]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise RunError(f"{metrics_path}: unreadable metrics ({exc!r})") from None
+    if epochs is not None:  # only now, so a refused resume leaves config.json as it was
+        write_json(run_dir / "config.json", config)
+    _remove_stale_tmp(run_dir)
     X = data["X_train"]
     rec = _Recorder(run_dir, data.get("X_test", X), data.get("t_test"),
                     bool(config.get("closed", False)), config, rows)
@@ -202,7 +224,10 @@ def resume_run(run_dir, epochs: int | None = None, progress: bool = False) -> Tr
 
 
 def load_model(run_dir) -> tuple[MoEAE, dict]:
-    """The trained model of a run (eval mode, CPU) and its config dict."""
+    """The trained model of a run (eval mode, CPU, float64) and its config dict.
+
+    Inference runs in float64: float32 matmuls round differently for different batch sizes,
+    and a point's code should not depend on which other points are encoded with it."""
     run_dir = Path(run_dir)
     config, model_cfg, _ = _read_run(run_dir)
     ck = load_checkpoint(run_dir / "checkpoint.safetensors")
@@ -212,12 +237,12 @@ def load_model(run_dir) -> tuple[MoEAE, dict]:
     except RuntimeError as exc:
         raise CheckpointError(f"{run_dir / 'checkpoint.safetensors'} does not match "
                               f"config.json ({str(exc).splitlines()[0]})") from None
-    return model.eval(), config
+    return model.double().eval(), config
 
 
 def encode(model: MoEAE, X: np.ndarray) -> np.ndarray:
     """X (n, d) -> codes (n, 1 + k): chart index, then the chart's coordinates."""
-    chart, z = model.encode(_tensor(X))
+    chart, z = model.encode(_tensor(X, model.shift.dtype))
     return np.concatenate([chart[0, :, None].double().numpy(), z[0].double().numpy()], 1)
 
 
@@ -235,7 +260,7 @@ def decode(model: MoEAE, codes: np.ndarray) -> np.ndarray:
         raise ValueError(f"chart index {codes[i, 0]:g} in row {i} is out of range: the model "
                          f"has charts 0..{E - 1}")
     c = torch.as_tensor(chart.astype(np.int64))[None]
-    z = torch.as_tensor(codes[:, 1:], dtype=torch.float32)[None]
+    z = torch.as_tensor(codes[:, 1:], dtype=model.shift.dtype)[None]
     return model.decode(c, z)[0].double().numpy()
 
 
@@ -249,5 +274,5 @@ def evaluate_run(run_dir, X: np.ndarray | None = None, t=None, closed: bool | No
         X = data.get("X_test", data["X_train"])
         t = data.get("t_test") if t is None else t
     closed = bool(config.get("closed", False)) if closed is None else closed
-    snap = _snapshot(model, _tensor(X))
+    snap = _snapshot(model, _tensor(X, model.shift.dtype))
     return snapshot_metrics(snap, t, closed)

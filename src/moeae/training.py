@@ -18,6 +18,7 @@ Two routing modes (``TrainConfig.routing``):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -28,7 +29,8 @@ from .config import TrainConfig
 from .layers import DropoutMasks
 from .model import MoEAE
 
-__all__ = ["Trainer", "evaluate", "DivergenceError", "LossTerms", "resolve_device", "spectral_charts"]
+__all__ = ["Trainer", "evaluate", "DivergenceError", "LossTerms", "resolve_device",
+           "spectral_charts"]
 
 
 class DivergenceError(RuntimeError):
@@ -94,12 +96,15 @@ def spectral_charts(X: np.ndarray, n_charts: int, n_components: int, seed: int,
     sub = np.sort(rng.choice(n, max_points, replace=False)) if n > max_points else np.arange(n)
     Xs = X[sub]
     n_neighbors = max(2, min(10, len(Xs) // 4))
-    try:
-        emb = Isomap(n_neighbors=n_neighbors, n_components=min(n_components, len(Xs) - 2),
-                     eigen_solver="dense").fit_transform(Xs)
-    except (ValueError, np.linalg.LinAlgError):
-        emb = Xs  # a degenerate graph (duplicates, tiny data): cluster in the ambient space
-    km = KMeans(n_clusters=min(n_charts, len(Xs)), n_init=4, random_state=seed).fit(emb)
+    with warnings.catch_warnings():
+        # a disconnected neighbour graph is completed by Isomap itself; say nothing
+        warnings.simplefilter("ignore")
+        try:
+            emb = Isomap(n_neighbors=n_neighbors, n_components=min(n_components, len(Xs) - 2),
+                         eigen_solver="dense").fit_transform(Xs)
+        except (ValueError, np.linalg.LinAlgError):
+            emb = Xs  # degenerate graph (duplicates, tiny data): cluster in ambient space
+        km = KMeans(n_clusters=min(n_charts, len(Xs)), n_init=4, random_state=seed).fit(emb)
     d2 = km.transform(emb) ** 2  # (n_sub, n_charts) squared distances to the centres
     if overlap > 0:
         # soft within ~overlap x the centre spacing of a boundary: neighbours learn to reach

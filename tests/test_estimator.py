@@ -1,0 +1,102 @@
+"""The scikit-learn estimator: API contract, quality on seeded data, persistence."""
+
+import pickle
+
+import numpy as np
+import pytest
+from sklearn.utils.estimator_checks import check_estimator
+
+import moeae
+from moeae import MoEAutoencoder
+from moeae.metrics import snapshot_metrics
+
+
+@pytest.mark.parametrize("recipe", ["seed", "best"])
+def test_check_estimator(recipe):
+    est = MoEAutoencoder(n_experts=2, epochs=2, width=8, depth=1, recipe=recipe,
+                         random_state=0)
+    results = check_estimator(est, on_fail=None)
+    failed = [(r["check_name"], str(r["exception"])[:200]) for r in results
+              if r["status"] == "failed"]
+    assert not failed, failed
+    assert len(results) > 40
+
+
+def test_design_example_and_shapes():
+    X, t = moeae.datasets.make_circle(n_samples=300, noise=0.0, random_state=0)
+    est = MoEAutoencoder(n_experts=4, latent_dim=1, epochs=3, random_state=0)
+    assert est.fit(X) is est
+    Z = est.transform(X)
+    assert Z.shape == (300, 2)
+    assert set(np.unique(Z[:, 0])) <= {0.0, 1.0, 2.0, 3.0}
+    assert np.all(np.abs(Z[:, 1]) <= 1.0)  # tanh latents
+    assert est.inverse_transform(Z).shape == (300, 2)
+    np.testing.assert_array_equal(est.predict(X), Z[:, 0].astype(int))
+    X_hat = est.inverse_transform(Z)
+    assert est.score(X) == pytest.approx(-((X - X_hat) ** 2).mean())
+    assert len(est.history_) == 3
+
+
+def test_best_recipe_gives_clean_hard_charts_on_the_circle():
+    X, _ = moeae.datasets.make_circle(1000, random_state=0)
+    X_te, t_te = moeae.datasets.make_circle(1000, grid=True)
+    est = MoEAutoencoder(n_experts=2, epochs=40, random_state=0).fit(X)
+    fvu_hard = est.reconstruction_error(X_te, "hard")
+    assert fvu_hard < 1e-4, f"hard FVU {fvu_hard:.2e} on the circle with 2 charts"
+    from moeae.run import _tensor
+    from moeae.training import evaluate
+
+    snap = {k: v[0] for k, v in evaluate(est.model_, _tensor(X_te, est.model_.shift.dtype))
+            .items()}
+    m = snapshot_metrics(snap, t_te, closed=True, neighborhood=False)
+    assert m["experts_used"] == 2
+    assert m["max_arcs_per_chart"] == 1
+    assert m["max_z_jump"] < 0.25
+
+
+def test_seed_recipe_vanilla_fails_as_the_seed_says():
+    X, _ = moeae.datasets.make_circle(1000, random_state=0)
+    X_te, _ = moeae.datasets.make_circle(1000, grid=True)
+    est = MoEAutoencoder(n_experts=1, recipe="seed", random_state=0).fit(X)
+    mse = -est.score(X_te)
+    assert mse > 0.1, "one chart cannot encode a circle"
+
+
+def test_same_seed_same_numbers():
+    X, _ = moeae.datasets.make_figure8(200, random_state=1)
+    a = MoEAutoencoder(n_experts=2, epochs=3, random_state=7).fit(X).transform(X)
+    b = MoEAutoencoder(n_experts=2, epochs=3, random_state=7).fit(X).transform(X)
+    c = MoEAutoencoder(n_experts=2, epochs=3, random_state=8).fit(X).transform(X)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_save_load_and_pickle_round_trip(tmp_path):
+    X, _ = moeae.datasets.make_circle(200, random_state=0)
+    est = MoEAutoencoder(n_experts=2, epochs=2, random_state=0).fit(X)
+    Z = est.transform(X)
+    path = tmp_path / "model.safetensors"
+    est.save(path)
+    est2 = MoEAutoencoder.load(path)
+    np.testing.assert_allclose(est2.transform(X), Z, atol=1e-6)
+    assert est2.get_params()["n_experts"] == 2
+    est3 = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(est3.transform(X), Z)
+
+
+def test_latent_dim_two_on_the_sphere():
+    X, _ = moeae.datasets.make_sphere(400, random_state=0)
+    est = MoEAutoencoder(n_experts=4, latent_dim=2, epochs=3, random_state=0).fit(X)
+    Z = est.transform(X)
+    assert Z.shape == (400, 3)
+    np.testing.assert_allclose(est.inverse_transform(Z).shape, (400, 3))
+
+
+def test_in_a_pipeline():
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, _ = moeae.datasets.make_circle(200, random_state=0)
+    pipe = make_pipeline(StandardScaler(), MoEAutoencoder(n_experts=2, epochs=2,
+                                                          random_state=0))
+    assert pipe.fit_transform(X).shape == (200, 2)
