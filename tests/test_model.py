@@ -137,3 +137,27 @@ def test_config_validation_messages():
     with pytest.raises(TypeError, match="unknown setting 'colour'"):
         recipe("seed", colour=1)
     assert TrainConfig().routing == "soft"
+
+
+def test_fused_adam_equals_torch_adam():
+    from moeae.optim import FusedAdam
+
+    for wd in (0.0, 0.01):
+        torch.manual_seed(0)
+        a = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+        b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+        ours = FusedAdam(a, lr=1e-2, weight_decay=wd)
+        ref = (torch.optim.AdamW if wd else torch.optim.Adam)(b, lr=1e-2, weight_decay=wd)
+        for step in range(5):
+            for p, q in zip(a, b):
+                g = torch.randn_like(p)
+                p.grad, q.grad = g.clone(), g.clone()
+            ours.lr = ref.param_groups[0]["lr"] = 1e-2 / (step + 1)
+            ours.step()
+            ref.step()
+        for p, q in zip(a, b):
+            np.testing.assert_allclose(p.detach(), q.detach(), atol=1e-6)
+        sd = ours.state_dict()
+        again = FusedAdam([torch.nn.Parameter(p.detach().clone()) for p in a])
+        again.load_state_dict(sd)
+        assert again.lr == ours.lr and torch.equal(again.exp_avg[0], ours.exp_avg[0])

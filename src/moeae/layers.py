@@ -103,7 +103,9 @@ class DropoutMasks:
                 r = self._take(m, (c, B, widths[m]))
                 pieces.append(torch.nn.functional.pad(r, (0, W - widths[m]), value=32767))
         r = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # (G, B, W)
-        return x.masked_fill(r < self.threshold, 0.0).mul_(self.scale)
+        # one multiply forward and one backward (masked_fill cost a copy each way)
+        mask = torch.where(r >= self.threshold, self.scale, 0.0).to(x.dtype)
+        return x * mask
 
 # ReLU networks are piecewise linear, so a curved chart is fitted by line segments with an
 # error floor set by the number of pieces; smooth activations fit smooth manifolds far closer.

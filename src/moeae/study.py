@@ -140,20 +140,49 @@ def run_study(spec: StudySpec) -> list[dict]:
 
 
 def write_figures(out: Path, keep: dict, spec: StudySpec, last: int) -> None:
+    """Draw the seed's figures (and, for other recipes, the hard-chart figures).
+
+    The slowest figure (the 20-panel epochs grid) is drawn in a forked process while this one
+    draws the rest: matplotlib is single-threaded and this machine has two cores.
+    """
     from . import plot
 
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     final = {(n, E): keep[(n, E, last)] for n in spec.datasets for E in spec.experts}
-    if 1 in spec.experts:
-        plot.plot_vanilla({n: final[(n, 1)] for n in spec.datasets},
-                          fig_dir / "vanilla_approach.png", epoch=last)
-    plot.plot_grid_functions(final, fig_dir / "gridplot-functions.png")
+    jobs = []
     if "circle" in spec.datasets:
         circles = {(e, E): keep[("circle", E, e)] for e in range(1, last + 1)
                    for E in spec.experts}
-        plot.plot_grid_epochs(circles, fig_dir / "gridplot-circles.png", name="circle")
+        jobs.append((plot.plot_grid_epochs, (circles, fig_dir / "gridplot-circles.png"),
+                     {"name": "circle"}))
+    jobs.append((plot.plot_grid_functions, (final, fig_dir / "gridplot-functions.png"), {}))
+    if 1 in spec.experts:
+        jobs.append((plot.plot_vanilla, ({n: final[(n, 1)] for n in spec.datasets},
+                                         fig_dir / "vanilla_approach.png"), {"epoch": last}))
     if spec.recipe != "seed":
-        plot.plot_grid_functions(final, fig_dir / "gridplot-functions-hard.png",
-                                 reconstruction="x_hard")
-        plot.plot_charts({k: v for k, v in final.items() if k[1] > 1}, fig_dir / "charts.png")
+        jobs.append((plot.plot_grid_functions, (final, fig_dir / "gridplot-functions-hard.png"),
+                     {"reconstruction": "x_hard"}))
+        jobs.append((plot.plot_charts, ({k: v for k, v in final.items() if k[1] > 1},
+                                        fig_dir / "charts.png"), {}))
+    child = _start_forked(jobs[0]) if len(jobs) > 1 else None
+    for fn, args, kwargs in jobs[1 if child else 0:]:
+        fn(*args, **kwargs)
+    if child is not None:
+        child.join()
+        if child.exitcode != 0:  # draw it here instead: the figure must exist
+            fn, args, kwargs = jobs[0]
+            fn(*args, **kwargs)
+
+
+def _start_forked(job):
+    """Run ``fn(*args, **kwargs)`` in a forked child; None where fork is unavailable."""
+    import multiprocessing
+    import os
+
+    if os.name != "posix" or (os.cpu_count() or 1) < 2:
+        return None
+    fn, args, kwargs = job
+    proc = multiprocessing.get_context("fork").Process(target=fn, args=args, kwargs=kwargs)
+    proc.start()
+    return proc

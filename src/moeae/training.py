@@ -28,6 +28,7 @@ import torch
 from .config import TrainConfig
 from .layers import DropoutMasks
 from .model import MoEAE
+from .optim import FusedAdam
 
 __all__ = ["Trainer", "evaluate", "DivergenceError", "LossTerms", "resolve_device",
            "spectral_charts"]
@@ -154,9 +155,8 @@ class Trainer:
         self.dropout = DropoutMasks(mc.dropout, self.dropout_gens) if mc.dropout > 0 else None
         self.labels: torch.Tensor | None = None  # (M, n, E) routing targets per point
         self.knn: torch.Tensor | None = None  # (M, n, k) neighbours of each training point
-        opt_cls = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
-        self.optimizer = opt_cls(self.model.parameters(), lr=cfg.lr,
-                                 weight_decay=cfg.weight_decay, fused=True)
+        self.optimizer = FusedAdam(self.model.parameters(), lr=cfg.lr,
+                                   weight_decay=cfg.weight_decay)
 
     # -- set-up ---------------------------------------------------------------------------
     def initialize(self, X: torch.Tensor) -> None:
@@ -318,13 +318,12 @@ class Trainer:
                     xb = xb + cfg.input_noise * m.scale * noise
                 lb = None if self.labels is None else self.labels.gather(
                     1, idx[..., None].expand(-1, -1, self.labels.shape[-1]))  # (M, b, E)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = cfg.lr * self.lr_factor(st.step, total, steps_per_epoch)
+                self.optimizer.lr = cfg.lr * self.lr_factor(st.step, total, steps_per_epoch)
                 loss, _ = self.loss(xb, lb, st.step / max(1, total), warm)
                 if not torch.isfinite(loss).all():
                     bad = torch.nonzero(~torch.isfinite(loss)).flatten().tolist()
                     raise DivergenceError(epoch + 1, s + 1, bad)
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad()
                 loss.sum().backward()  # models are independent: d(sum)/d(theta_m) = dL_m/d(theta_m)
                 if cfg.grad_clip:
                     self._clip_()
