@@ -114,13 +114,18 @@ def timed(fn):
 
 
 def run_cli(args: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of a whole ``moeae`` command in a fresh process."""
+    """Wall seconds and peak RSS (MiB) of a whole ``moeae`` command in a fresh process
+    (the child reports its own peak, its forked figure process included)."""
+    code = ("import resource, sys\nfrom moeae.cli import main\nrc = main(sys.argv[1:])\n"
+            "r = resource.getrusage\nprint('MAXRSS', max(r(resource.RUSAGE_SELF).ru_maxrss, "
+            "r(resource.RUSAGE_CHILDREN).ru_maxrss), file=sys.stderr)\nsys.exit(rc)")
     t = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-m", "moeae.cli", *args], check=True,
-                   stdout=subprocess.DEVNULL)
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return time.perf_counter() - t, max(rss, before) / 1024
+    proc = subprocess.run([sys.executable, "-c", code, *args], check=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sec = time.perf_counter() - t
+    rss = [int(line.split()[1]) for line in proc.stderr.splitlines()
+           if line.startswith("MAXRSS")]
+    return sec, rss[-1] / 1024
 
 
 def main() -> None:
@@ -155,7 +160,7 @@ def main() -> None:
             times[name].append(sec)
             steps[name] = st
     base = min(times["a plain loop, one model at a time"])
-    print(f"\n{'training only':36s} {'best s':>7s} {'median s':>8s} {'steps/s':>8s} "
+    print(f"\n{'training only':36s} {'best s':>7s} {'median s':>8s} {'prog/s':>8s} "
           f"{'GFLOP/s':>8s} {'% peak':>6s} {'speedup':>7s}")
     for name, ts in times.items():
         best = min(ts)

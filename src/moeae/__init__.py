@@ -3,6 +3,15 @@
 __version__ = "0.1.0"
 
 from . import datasets  # noqa: E402
-from .estimator import MoEAutoencoder  # noqa: E402
 
 __all__ = ["MoEAutoencoder", "datasets", "__version__"]
+
+
+def __getattr__(name):
+    # The estimator pulls in scikit-learn (~1.7 s); load it when first asked for, so the
+    # command line and the training loop start fast.
+    if name == "MoEAutoencoder":
+        from .estimator import MoEAutoencoder
+
+        return MoEAutoencoder
+    raise AttributeError(f"module 'moeae' has no attribute {name!r}")
