@@ -148,7 +148,8 @@ def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
             if col in keys or col == "seed" or not isinstance(rs[0][col], (int, float)):
                 continue
             vals = np.array([r[col] for r in rs], dtype=np.float64)
-            row[col] = float(vals.mean())
-            row[f"{col}_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+            with np.errstate(invalid="ignore"):  # inf or NaN columns give NaN, quietly
+                row[col] = float(vals.mean())
+                row[f"{col}_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
         out.append(row)
     return out
