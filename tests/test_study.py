@@ -40,7 +40,8 @@ def test_reproduce_writes_figures_and_a_complete_table(tmp_path, capsys):
             assert float(r["mse_soft"]) == float(r["mse_hard"])
     table = json.loads((out / "metrics.json").read_text())
     assert table["recipe"] == "seed" and len(table["rows"]) == 24
-    assert len(list((out / "snapshots").glob("*.npz"))) == 24
+    # every model after the last epoch, and the circle after each epoch of the epochs figure
+    assert len(list((out / "snapshots").glob("*.npz"))) == 12 + 4
 
 
 def test_reproduce_same_seed_same_numbers_and_seeds_report_sd(tmp_path):
@@ -63,3 +64,17 @@ def test_reproduce_same_seed_same_numbers_and_seeds_report_sd(tmp_path):
             assert np.isclose(float(r["mse_soft"]), float(single[(r["dataset"],
                                                                    r["n_experts"])]),
                               rtol=1e-5)
+
+
+def test_reproduce_best_recipe_writes_chart_figures_and_spreads_epochs(tmp_path):
+    out = tmp_path / "best"
+    assert main(["reproduce", "--recipe", "best", "--epochs", "12", "--out", str(out)]) == 0
+    for name in ("charts.png", "gridplot-functions-hard.png", "gridplot-circles.png"):
+        assert (out / "figures" / name).read_bytes()[:4] == b"\x89PNG"
+    # 12 epochs: the epochs figure shows 5 of them (5 rows of 500 px)
+    assert imread(out / "figures" / "gridplot-circles.png").shape[:2] == (2500, 2000)
+    epochs = sorted({int(r["epoch"]) for r in _rows(out / "metrics.csv")})
+    assert epochs[0] == 1 and epochs[-1] == 12
+    final = [r for r in _rows(out / "metrics.csv") if r["epoch"] == "12"]
+    assert json.loads((out / "metrics.json").read_text())["recipe"] == "best"
+    assert all(r["trustworthiness"] != "" for r in final)
