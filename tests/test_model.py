@@ -161,3 +161,27 @@ def test_fused_adam_equals_torch_adam():
         again = FusedAdam([torch.nn.Parameter(p.detach().clone()) for p in a])
         again.load_state_dict(sd)
         assert again.lr == ours.lr and torch.equal(again.exp_avg[0], ours.exp_avg[0])
+
+
+@pytest.mark.parametrize("name", ["seed", "best"])
+def test_training_lowers_the_loss_and_the_test_error(name):
+    from moeae.datasets import make_circle
+    from moeae.training import evaluate
+
+    X, _ = make_circle(300, random_state=0)
+    X_te, _ = make_circle(300, grid=True)
+    mc, tc = recipe(name, epochs=15, width=32, depth=2, n_experts=2)
+    tr = Trainer(MoEAE(mc), tc, [0])
+    Xt = torch.tensor(X[None], dtype=torch.float32)
+    Xe = torch.tensor(X_te[None], dtype=torch.float32)
+    tr.initialize(Xt)
+
+    def mse_soft():
+        ev = evaluate(tr.model, Xe)
+        return ((ev["x_soft"] - ev["inputs"]) ** 2).mean()
+
+    before = mse_soft()
+    tr.fit(Xt, 15)
+    losses = [h[0] for h in tr.state.history]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert mse_soft() < 0.5 * before
