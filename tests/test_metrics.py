@@ -33,6 +33,10 @@ def test_chart_shape_counts_arcs_and_jumps():
     # z that goes back and forth is continuous (small jumps); a step is a jump of the range
     fold = chart_shape(np.zeros(100, int), np.abs(np.sin(2 * np.pi * t))[:, None], t, False)
     assert fold["max_z_jump"] < 0.1
+    # two arcs of one chart (a V through a crossing) are judged each on its own
+    v_chart = ((t > 0.25) & (t < 0.75)).astype(int)
+    v = chart_shape(v_chart, np.where(v_chart == 0, np.abs(t - 0.5), t)[:, None], t, False)
+    assert v["max_arcs_per_chart"] == 2 and v["max_z_jump"] < 0.05
     jumpy = chart_shape(np.zeros(100, int), (t > 0.5).astype(float)[:, None], t, False)
     assert jumpy["max_z_jump"] == 1.0
 

@@ -10,8 +10,8 @@ All functions take a *snapshot* of one model on a test set (numpy arrays, see
   different size compare.
 - Chart shape, where the true parameter ``t`` of a curve is known: along ``t``, each chart
   should be one contiguous arc (``arcs_per_chart`` = 1), and its coordinate ``z`` should move
-  smoothly (``max_z_jump``: the largest step of ``z`` between neighbours in ``t`` inside a chart,
-  relative to that chart's range of ``z``).
+  smoothly (``max_z_jump``: the largest step of ``z`` between neighbours in ``t`` inside one arc
+  of a chart, relative to that chart's range of ``z``).
 - Trustworthiness / continuity (Venna & Kaski 2001) of the atlas embedding: the codes
   ``(chart, z)`` made Euclidean by placing the charts far apart along the first axis.
 """
@@ -59,17 +59,18 @@ def chart_shape(chart: np.ndarray, z: np.ndarray, t: np.ndarray, closed: bool) -
         if len(starts):  # begin the sequence at a chart boundary so no run wraps
             c, zz = np.roll(c, -starts[0]), np.roll(zz, -starts[0])
     boundaries = np.flatnonzero(c[1:] != c[:-1]) + 1
-    run_charts = c[np.r_[0, boundaries]]
+    starts = np.r_[0, boundaries]
+    ends = np.r_[boundaries, n]
+    run_charts = c[starts]
     arcs = {int(k): int((run_charts == k).sum()) for k in np.unique(c)}
+    span = {int(k): float(zz[c == k].max() - zz[c == k].min()) for k in np.unique(c)}
     jump = 0.0
-    for k in np.unique(c):
-        zk = zz[c == k]
-        if len(zk) < 3:
+    for a, b, k in zip(starts, ends, run_charts):  # inside each arc: two arcs of one chart
+        if b - a < 2:  # (a V through a crossing) need not meet end to end in t
             continue
-        span = zk.max() - zk.min()
-        if span <= 0:
+        if span[int(k)] <= 0:
             return {"max_arcs_per_chart": max(arcs.values()), "max_z_jump": math.inf}
-        jump = max(jump, float(np.abs(np.diff(zk)).max() / span))
+        jump = max(jump, float(np.abs(np.diff(zz[a:b])).max() / span[int(k)]))
     return {"max_arcs_per_chart": max(arcs.values()), "max_z_jump": jump}
 
 
