@@ -40,14 +40,13 @@ class TrainConfig:
     tau_end: float = 0.01  # ... and at the end, annealed geometrically
     expert_weight: str = "router"  # experts learn each point weighted by "router" or "target"
     balance_weight: float = 0.0  # Switch-style load-balancing loss weight
-    spectral_init: bool = False  # start routing from a spectral embedding + k-means
+    chart_init: bool = False  # start charts from k-means on an Isomap embedding
     warm_start_epochs: int = 0  # epochs of training towards the initial charts
     init_overlap: float = 0.0  # soft initial charts near boundaries (0: hard)
     relabel_neighbors: int = 0  # > 0: per-epoch targets averaged over this many neighbours
     relabel_hard: bool = False  # per-epoch targets one-hot (the argmax of the average)
     standardize: bool = False  # centre inputs and divide by one overall scale
     input_noise: float = 0.0  # Gaussian noise on (standardized) training inputs
-    drop_unused: bool = False  # record charts used by < 1% of training points as unused
     seed: int = 0  # initialisation, shuffling, dropout
     device: str = "auto"  # "auto" | "cpu" | "cuda"
 
@@ -61,7 +60,7 @@ def _best_recipe() -> tuple[ModelConfig, TrainConfig]:
     train = TrainConfig(
         epochs=100, batch_size=64, lr=3e-3, schedule="cosine", warmup_epochs=1,
         router_loss_weight=0.0, routing="responsibility", tau_start=0.1, tau_end=1e-3,
-        spectral_init=True, warm_start_epochs=20, init_overlap=0.3, relabel_neighbors=10,
+        chart_init=True, warm_start_epochs=20, init_overlap=0.3, relabel_neighbors=10,
         relabel_hard=True, standardize=True,
     )
     return model, train

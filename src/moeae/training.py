@@ -9,10 +9,13 @@ Two routing modes (``TrainConfig.routing``):
 
 - ``"soft"`` (the seed): loss = MSE(x, sum_e p_e x_hat_e) + w * MSE(batch-mean logits, 0).
 - ``"responsibility"``: each expert e has error ``err_e`` on each point; the router is trained
-  by cross-entropy towards the detached responsibilities ``softmax(-err / tau)`` (as the
+  by cross-entropy towards detached targets built from ``softmax(-err / tau)`` (as the
   chart-assignment step of Chart Auto-Encoders, Schonsheck et al. 2019), with ``tau`` annealed
-  from soft to nearly hard; each expert learns from its error weighted by the (detached) router
-  probabilities. Charts can start from a spectral clustering of the data (``spectral_init``).
+  from soft to nearly hard; each expert learns its error weighted by the same targets (or the
+  router's probabilities). Charts can start as k-means clusters of an Isomap embedding
+  (``chart_init``, followed by ``warm_start_epochs`` towards them); with ``relabel_neighbors``
+  the targets are recomputed once per epoch over the whole training set and averaged over each
+  point's nearest neighbours (:meth:`Trainer.relabel`), else per batch.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from .model import MoEAE
 from .optim import FusedAdam
 
 __all__ = ["Trainer", "evaluate", "DivergenceError", "LossTerms", "resolve_device",
-           "spectral_charts"]
+           "initial_charts"]
 
 
 class DivergenceError(RuntimeError):
@@ -75,7 +78,7 @@ class LossTerms(torch.nn.Module):
         return E * (top.mean(1) * probs.mean(1)).sum(-1)
 
 
-def spectral_charts(X: np.ndarray, n_charts: int, n_components: int, seed: int,
+def initial_charts(X: np.ndarray, n_charts: int, n_components: int, seed: int,
                     max_points: int = 2000, overlap: float = 0.0) -> np.ndarray:
     """Initial chart assignments (n, n_charts): k-means on an Isomap embedding of a
     k-nearest-neighbour graph, one-hot, or soft near the boundaries when ``overlap`` > 0.
@@ -169,10 +172,10 @@ class Trainer:
                 scale = ((X - shift) ** 2).sum(-1).mean(1).sqrt()[:, None, None]  # (M, 1, 1)
                 self.model.shift.copy_(shift)
                 self.model.scale.copy_(scale.clamp_min(1e-12))
-        if self.cfg.spectral_init:
+        if self.cfg.chart_init:
             k = self.model.cfg.latent_dim
             E = max(self.model.counts)
-            labels = [np.pad(spectral_charts(X[m].cpu().numpy(), c, k + 1, s,
+            labels = [np.pad(initial_charts(X[m].cpu().numpy(), c, k + 1, s,
                                              overlap=self.cfg.init_overlap), ((0, 0), (0, E - c)))
                       for m, (c, s) in enumerate(zip(self.model.counts, self.seeds))]
             self.labels = torch.as_tensor(np.stack(labels), dtype=torch.float32,
