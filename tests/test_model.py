@@ -185,3 +185,20 @@ def test_training_lowers_the_loss_and_the_test_error(name):
     losses = [h[0] for h in tr.state.history]
     assert losses[-1] < 0.7 * losses[0], losses
     assert mse_soft() < 0.5 * before
+
+
+def test_loss_terms_by_construction():
+    from moeae.training import LossTerms
+
+    valid = torch.tensor([[True, True, True, True]])
+    balanced = torch.eye(4).repeat(2, 1)[None] * 0.5 + 0.125  # each expert top for 2 of 8
+    collapsed = torch.zeros(1, 8, 4)
+    collapsed[..., 0] = 1.0
+    assert LossTerms.load_balance(balanced, valid).item() == pytest.approx(1.0)
+    assert LossTerms.load_balance(collapsed, valid).item() == pytest.approx(4.0)
+    logits = torch.tensor([[[1.0, -1.0, float("-inf")], [3.0, 1.0, float("-inf")]]])
+    valid3 = torch.tensor([[True, True, False]])
+    # batch means (2, 0) over the two real experts: (4 + 0) / 2
+    assert LossTerms.router_mean_logits(logits, valid3).item() == pytest.approx(2.0)
+    x = torch.zeros(1, 4, 2)
+    assert LossTerms.reconstruction(x + 2.0, x, torch.full((1, 1, 1), 2.0)).item() == 1.0

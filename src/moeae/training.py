@@ -57,7 +57,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class LossTerms(torch.nn.Module):
+class LossTerms:
     """Per-model loss terms, each of shape (M,)."""
 
     @staticmethod
