@@ -100,3 +100,16 @@ def test_in_a_pipeline():
     pipe = make_pipeline(StandardScaler(), MoEAutoencoder(n_experts=2, epochs=2,
                                                           random_state=0))
     assert pipe.fit_transform(X).shape == (200, 2)
+
+
+def test_n_init_keeps_the_best_start():
+    X, _ = moeae.datasets.make_figure8(300, random_state=0)
+    kw = dict(n_experts=2, epochs=8, width=16, depth=2)
+    best = MoEAutoencoder(n_init=3, random_state=5, **kw).fit(X)
+    singles = [MoEAutoencoder(random_state=5 + i, **kw).fit(X) for i in range(3)]
+    errors = [s.reconstruction_error(X, "hard") for s in singles]
+    # the kept start is the one alone with the lowest training error, up to float rounding
+    assert best.reconstruction_error(X, "hard") == pytest.approx(min(errors), rel=1e-3)
+    assert best.train_config_.seed == 5 + int(np.argmin(errors))
+    with pytest.raises(ValueError, match="n_init must be an int >= 1, got 0"):
+        MoEAutoencoder(n_init=0).fit(X)

@@ -31,14 +31,20 @@ def test_curves_hard_fvu(make, experts, limit):
     assert est.reconstruction_error(X_te, "hard") <= limit
 
 
-@pytest.mark.xfail(reason="known gap (docs/recipes.md): figure-8 with 2 charts reaches 3e-5 "
-                          "to 1e-3 depending on the chart start, spiral with 4 charts 1e-3 to "
-                          "6e-3; goal 1e-4", strict=False)
-@pytest.mark.parametrize("make, experts", [(ds.make_figure8, 2), (ds.make_spiral, 4)])
-def test_hard_curves_hard_fvu(make, experts):
-    X, _ = make(1000, random_state=0)
-    X_te, _ = make(1000, grid=True)
-    est = MoEAutoencoder(n_experts=experts, random_state=0).fit(X)
+def test_figure8_with_three_starts():
+    # one start reaches 3e-5 to 1e-3 depending on its chart start; the best of three is reliable
+    X, _ = ds.make_figure8(1000, random_state=0)
+    X_te, _ = ds.make_figure8(1000, grid=True)
+    est = MoEAutoencoder(n_experts=2, n_init=3, random_state=0).fit(X)
+    assert est.reconstruction_error(X_te, "hard") <= 1e-4
+
+
+@pytest.mark.xfail(reason="known gap (docs/recipes.md): the spiral with 4 charts reaches 1e-3 "
+                          "to 6e-3, also with n_init=3; goal 1e-4", strict=False)
+def test_spiral_hard_fvu():
+    X, _ = ds.make_spiral(1000, random_state=0)
+    X_te, _ = ds.make_spiral(1000, grid=True)
+    est = MoEAutoencoder(n_experts=4, random_state=0).fit(X)
     assert est.reconstruction_error(X_te, "hard") <= 1e-4
 
 

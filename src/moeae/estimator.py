@@ -19,7 +19,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, from_dict, recipe, to_dict
 from .model import MoEAE
 from .run import _tensor, check_configs, decode, encode
-from .training import Trainer, resolve_device
+from .training import Trainer, evaluate, resolve_device
 
 __all__ = ["MoEAutoencoder"]
 
@@ -40,6 +40,10 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         Override the recipe's value when not None.
     weight_decay, input_noise : float, optional
         Regularisation (AdamW decay; Gaussian noise on standardized training inputs).
+    n_init : int, default=1
+        Independent starts (seeds ``random_state``, +1, ...) trained together as one batched
+        population; the one with the lowest hard reconstruction error on the training data is
+        kept. Costs about ``n_init`` times the compute.
     device : {"auto", "cpu", "cuda"}, default="auto"
     random_state : int or None, default=None
         Seed of initialisation, shuffling and dropout. None draws one from numpy's global RNG.
@@ -58,8 +62,8 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
 
     def __init__(self, *, n_experts=4, latent_dim=1, recipe="best", epochs=None,
                  batch_size=None, lr=None, width=None, depth=None, dropout=None,
-                 weight_decay=None, input_noise=None, device="auto", random_state=None,
-                 verbose=False):
+                 weight_decay=None, input_noise=None, n_init=1, device="auto",
+                 random_state=None, verbose=False):
         self.n_experts = n_experts
         self.latent_dim = latent_dim
         self.recipe = recipe
@@ -71,6 +75,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         self.dropout = dropout
         self.weight_decay = weight_decay
         self.input_noise = input_noise
+        self.n_init = n_init
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -101,14 +106,27 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         n, d = X.shape
         mc, tc = self._configs(d)
         check_configs(mc, tc, n, d)
-        trainer = Trainer(MoEAE(mc), tc, [tc.seed], resolve_device(tc.device))
-        Xt = _tensor(X)
+        if isinstance(self.n_init, bool) or not isinstance(self.n_init, (int, np.integer)) \
+                or self.n_init < 1:
+            raise ValueError(f"n_init must be an int >= 1, got {self.n_init!r}")
+        k = int(self.n_init)
+        # n_init starts (seeds seed, seed+1, ...) train as one population, as KMeans's n_init;
+        # the one whose hard reconstruction of the training data is best is kept
+        trainer = Trainer(MoEAE(mc, [mc.n_experts] * k), tc, [tc.seed + i for i in range(k)],
+                          resolve_device(tc.device))
+        Xt = _tensor(X).expand(k, -1, -1)
         trainer.initialize(Xt)
         trainer.fit(Xt, tc.epochs, progress=bool(self.verbose))
+        best = 0
+        if k > 1:
+            ev = evaluate(trainer.model, Xt)
+            best = int(((ev["x_hard"] - ev["inputs"]) ** 2).sum(-1).mean(-1).argmin())
         # float64 inference: a point's code must not depend on the batch it is encoded in
-        self.model_ = trainer.model.cpu().double().eval()
+        self.model_ = trainer.model.select(best).cpu().double().eval()
+        self.random_state_ = tc.seed  # the drawn seed when random_state is None
         self.model_config_, self.train_config_ = mc, tc
-        self.history_ = [h[0] for h in trainer.state.history]
+        self.train_config_.seed = tc.seed + best  # the start that was kept
+        self.history_ = [h[best] for h in trainer.state.history]
         return self
 
     # -- using the atlas --------------------------------------------------------------------
@@ -139,7 +157,6 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float64, reset=False)
         from .metrics import snapshot_metrics
-        from .training import evaluate
 
         snap = {k: v[0] for k, v in evaluate(self.model_, _tensor(X, torch.float64)).items()}
         return snapshot_metrics(snap, neighborhood=False)[f"fvu_{kind}"]
@@ -153,7 +170,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         meta = {"params": self.get_params(), **to_dict(self.model_config_, self.train_config_),
                 "history": self.history_}
-        meta["params"]["random_state"] = self.train_config_.seed
+        meta["params"]["random_state"] = self.random_state_
         weights = {k: v.float() if v.is_floating_point() else v
                    for k, v in self.model_.state_dict().items()}
         save_checkpoint(path, model=weights, meta=meta)
@@ -173,6 +190,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         est.model_config_, est.train_config_ = mc, tc
         est.history_ = ck["meta"].get("history", [])
         est.n_features_in_ = mc.n_features
+        est.random_state_ = est.random_state
         return est
 
     def __sklearn_tags__(self):

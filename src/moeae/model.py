@@ -117,6 +117,25 @@ class MoEAE(nn.Module):
         x_hat = torch.zeros_like(x).index_add_(0, self.expert_model, p[..., None] * y)  # (M,B,d)
         return MoEOutput(x_hat, y, z, logits, probs)
 
+    @torch.no_grad()
+    def select(self, m: int) -> MoEAE:
+        """Model ``m`` of the population as a population of one (weights copied)."""
+        one = MoEAE(self.cfg, [self.counts[m]]).to(self.shift.device)
+        g0 = sum(self.counts[:m])
+        groups = slice(g0, g0 + self.counts[m])
+        E = self.counts[m]
+        for dst, src in zip(one.router.layers, self.router.layers):
+            dst.weight.copy_(src.weight[m:m + 1, :, :dst.out_features])
+            dst.bias.copy_(src.bias[m:m + 1, :, :dst.out_features])
+        for mine, theirs in ((one.encoder, self.encoder), (one.decoder, self.decoder)):
+            for dst, src in zip(mine.layers, theirs.layers):
+                dst.weight.copy_(src.weight[groups])
+                dst.bias.copy_(src.bias[groups])
+        one.shift.copy_(self.shift[m:m + 1])
+        one.scale.copy_(self.scale[m:m + 1])
+        one.active.copy_(self.active[m:m + 1, :E])
+        return one.train(self.training)
+
     def dropout_sizes(self, batch: int) -> list[int]:
         """Random values one training step needs per model: every dropout site's units."""
         c = self.cfg
