@@ -78,3 +78,19 @@ def test_reproduce_best_recipe_writes_chart_figures_and_spreads_epochs(tmp_path)
     final = [r for r in _rows(out / "metrics.csv") if r["epoch"] == "12"]
     assert json.loads((out / "metrics.json").read_text())["recipe"] == "best"
     assert all(r["trustworthiness"] != "" for r in final)
+
+
+def test_thread_count_does_not_change_the_numbers(tmp_path):
+    # --threads auto picks 1 or 2 by the machine's load: both must give the same table
+    args = ["reproduce", "--epochs", "1", "--no-figures"]
+    assert main(args + ["--out", str(tmp_path / "one"), "--threads", "1"]) == 0
+    assert main(args + ["--out", str(tmp_path / "two"), "--threads", "2"]) == 0
+    assert (tmp_path / "one" / "metrics.csv").read_bytes() == \
+        (tmp_path / "two" / "metrics.csv").read_bytes()
+
+
+def test_auto_threads():
+    from moeae.cli import resolve_threads
+
+    assert resolve_threads(3) == 3
+    assert resolve_threads("auto") in (1, 2)

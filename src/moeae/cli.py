@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,25 @@ def _int_at_least(low: int):
 
 
 _positive_int = _int_at_least(1)
+
+
+def _threads(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
+def resolve_threads(threads: int | str) -> int:
+    """'auto': 2 threads when at least two cores sit idle (1-minute load average), else 1.
+
+    Measured on a 2-core machine: the seed study trains in 4.2 s on 2 idle cores against 6.2 s
+    on 1, but two threads collapse when another process holds a core."""
+    if threads != "auto":
+        return int(threads)
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform: be safe
+        return 1
+    return 2 if cores >= 2 and cores - load >= 1.5 else 1
 _nonneg_int = _int_at_least(0)
 
 
@@ -46,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true",
                         help="show full tracebacks on errors (default: one line)")
-    common.add_argument("--threads", type=_positive_int, default=1,
-                        help="CPU threads for torch (default: 1, fastest for these small "
-                             "networks unless the machine is otherwise idle)")
+    common.add_argument("--threads", type=_threads, default="auto",
+                        help="CPU threads for torch, or 'auto': 2 when two cores are idle by the "
+                             "load average, else 1 (default: auto; two threads slow down badly "
+                             "when another process takes a core: pass 1 on a busy machine)")
     p = argparse.ArgumentParser(prog="moeae", description="Mixture-of-Experts autoencoders: "
                                 "learn an atlas of charts of data on a manifold.")
     from . import __version__
@@ -251,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("train needs --data and --out (or --resume RUN_DIR)")
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(resolve_threads(args.threads))
     torch.set_flush_denormal(True)  # denormal Adam moments slow CPU steps several-fold
     from .checkpoint import CheckpointError
     from .data import DataError
