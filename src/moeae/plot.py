@@ -164,7 +164,8 @@ def _save(fig: Figure, path):
     _fixed_layout(fig)
     _place_legends(fig)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    # zlib level 1: a third of the default level's encoding time for a slightly larger file
+    fig.savefig(path, dpi=100, pil_kwargs={"compress_level": 1})
     return path
 
 
