@@ -43,10 +43,10 @@ def test_best_recipe_gives_clean_hard_charts_on_the_circle():
     est = MoEAutoencoder(n_experts=2, epochs=40, random_state=0).fit(X)
     fvu_hard = est.reconstruction_error(X_te, "hard")
     assert fvu_hard < 1e-4, f"hard FVU {fvu_hard:.2e} on the circle with 2 charts"
-    from moeae.run import _tensor
+    from moeae.run import as_population
     from moeae.training import evaluate
 
-    snap = {k: v[0] for k, v in evaluate(est.model_, _tensor(X_te, est.model_.shift.dtype))
+    snap = {k: v[0] for k, v in evaluate(est.model_, as_population(X_te, est.model_.shift.dtype))
             .items()}
     m = snapshot_metrics(snap, t_te, closed=True, neighborhood=False)
     assert m["experts_used"] == 2

@@ -18,7 +18,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, from_dict, recipe, to_dict
 from .model import MoEAE
-from .run import _tensor, check_configs, decode, encode
+from .run import as_population, check_configs, decode, encode
 from .training import Trainer, evaluate, resolve_device
 
 __all__ = ["MoEAutoencoder"]
@@ -114,7 +114,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         # the one whose hard reconstruction of the training data is best is kept
         trainer = Trainer(MoEAE(mc, [mc.n_experts] * k), tc, [tc.seed + i for i in range(k)],
                           resolve_device(tc.device))
-        Xt = _tensor(X).expand(k, -1, -1)
+        Xt = as_population(X).expand(k, -1, -1)
         trainer.initialize(Xt)
         trainer.fit(Xt, tc.epochs, progress=bool(self.verbose))
         best = 0
@@ -158,7 +158,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         X = validate_data(self, X, dtype=np.float64, reset=False)
         from .metrics import snapshot_metrics
 
-        snap = {k: v[0] for k, v in evaluate(self.model_, _tensor(X, torch.float64)).items()}
+        snap = {k: v[0] for k, v in evaluate(self.model_, as_population(X, torch.float64)).items()}
         return snapshot_metrics(snap, neighborhood=False)[f"fvu_{kind}"]
 
     def __sklearn_is_fitted__(self):

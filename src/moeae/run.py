@@ -69,7 +69,8 @@ def check_configs(model_cfg: ModelConfig, train_cfg: TrainConfig, n_samples: int
         raise ValueError(f"routing must be 'soft' or 'responsibility', got {train_cfg.routing!r}")
 
 
-def _tensor(X: np.ndarray, dtype=torch.float32) -> torch.Tensor:
+def as_population(X: np.ndarray, dtype=torch.float32) -> torch.Tensor:
+    """Data (n, d) as the input of a population of one model: (1, n, d)."""
     return torch.as_tensor(np.asarray(X), dtype=dtype)[None]  # (1, n, d)
 
 
@@ -83,7 +84,7 @@ class _Recorder:
 
     def __init__(self, run_dir: Path, X_eval: np.ndarray, t_eval, closed: bool,
                  config: dict, rows: list[dict]):
-        self.run_dir, self.X = run_dir, _tensor(X_eval)
+        self.run_dir, self.X = run_dir, as_population(X_eval)
         self.t, self.closed, self.config, self.rows = t_eval, closed, config, rows
 
     def checkpoint(self, trainer: Trainer) -> None:
@@ -153,7 +154,7 @@ def train_run(run_dir, X: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainCo
         arrays["t_test"] = np.asarray(t_test)
     save_npz(run_dir / "data.npz", arrays)
     trainer = Trainer(MoEAE(model_cfg), train_cfg, [train_cfg.seed], device)
-    Xt = _tensor(X)
+    Xt = as_population(X)
     trainer.initialize(Xt)
     rec = _Recorder(run_dir, X if X_test is None else X_test, t_test, closed, config, [])
     rec.checkpoint(trainer)  # epoch 0: a divergence in epoch 1 still leaves a good checkpoint
@@ -219,7 +220,7 @@ def resume_run(run_dir, epochs: int | None = None, progress: bool = False) -> Tr
     X = data["X_train"]
     rec = _Recorder(run_dir, data.get("X_test", X), data.get("t_test"),
                     bool(config.get("closed", False)), config, rows)
-    trainer.fit(_tensor(X), train_cfg.epochs, on_epoch_end=rec, progress=progress)
+    trainer.fit(as_population(X), train_cfg.epochs, on_epoch_end=rec, progress=progress)
     return trainer
 
 
@@ -242,7 +243,7 @@ def load_model(run_dir) -> tuple[MoEAE, dict]:
 
 def encode(model: MoEAE, X: np.ndarray) -> np.ndarray:
     """X (n, d) -> codes (n, 1 + k): chart index, then the chart's coordinates."""
-    chart, z = model.encode(_tensor(X, model.shift.dtype))
+    chart, z = model.encode(as_population(X, model.shift.dtype))
     return np.concatenate([chart[0, :, None].double().numpy(), z[0].double().numpy()], 1)
 
 
@@ -274,5 +275,5 @@ def evaluate_run(run_dir, X: np.ndarray | None = None, t=None, closed: bool | No
         X = data.get("X_test", data["X_train"])
         t = data.get("t_test") if t is None else t
     closed = bool(config.get("closed", False)) if closed is None else closed
-    snap = _snapshot(model, _tensor(X, model.shift.dtype))
+    snap = _snapshot(model, as_population(X, model.shift.dtype))
     return snapshot_metrics(snap, t, closed)
