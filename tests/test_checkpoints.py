@@ -40,7 +40,7 @@ def tensors(run: Path, prefix: str = "model.") -> dict[str, np.ndarray]:
 def assert_same_tensors(a: Path, b: Path, prefix: str = "model.") -> None:
     ta, tb = tensors(a, prefix), tensors(b, prefix)
     assert ta and ta.keys() == tb.keys()
-    different = [k for k in ta if not np.array_equal(ta[k], tb[k])]
+    different = [k for k in ta if not np.array_equal(ta[k], tb[k], equal_nan=True)]
     assert not different, f"{prefix}* tensors differ: {different}"
 
 

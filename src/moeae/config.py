@@ -43,6 +43,8 @@ class TrainConfig:
     chart_init: bool = False  # start charts from k-means on an Isomap embedding
     warm_start_epochs: int = 0  # epochs of training towards the initial charts
     init_overlap: float = 0.0  # soft initial charts near boundaries (0: hard)
+    latent_init: float = 0.0  # > 0: warm start also pulls each chart's z towards an Isomap
+    #                           of that chart's points, with this weight (unfolded charts)
     relabel_neighbors: int = 0  # > 0: per-epoch targets averaged over this many neighbours
     relabel_hard: bool = False  # per-epoch targets one-hot (the argmax of the average)
     standardize: bool = False  # centre inputs and divide by one overall scale
@@ -60,7 +62,8 @@ def _best_recipe() -> tuple[ModelConfig, TrainConfig]:
     train = TrainConfig(
         epochs=100, batch_size=64, lr=3e-3, schedule="cosine", warmup_epochs=1,
         router_loss_weight=0.0, routing="responsibility", tau_start=0.1, tau_end=1e-3,
-        chart_init=True, warm_start_epochs=20, init_overlap=0.3, relabel_neighbors=10,
+        chart_init=True, warm_start_epochs=20, init_overlap=0.3, latent_init=1.0,
+        relabel_neighbors=10,
         relabel_hard=True, standardize=True,
     )
     return model, train

@@ -21,20 +21,19 @@ Two routing modes (``TrainConfig.routing``):
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .atlas import initial_atlas
 from .config import TrainConfig
 from .layers import DropoutMasks
 from .model import MoEAE
 from .optim import FusedAdam
 
-__all__ = ["Trainer", "evaluate", "DivergenceError", "LossTerms", "resolve_device",
-           "initial_charts"]
+__all__ = ["Trainer", "evaluate", "DivergenceError", "LossTerms", "resolve_device"]
 
 
 class DivergenceError(RuntimeError):
@@ -78,52 +77,6 @@ class LossTerms:
         return E * (top.mean(1) * probs.mean(1)).sum(-1)
 
 
-def initial_charts(X: np.ndarray, n_charts: int, n_components: int, seed: int,
-                    max_points: int = 2000, overlap: float = 0.0) -> np.ndarray:
-    """Initial chart assignments (n, n_charts): k-means on an Isomap embedding of a
-    k-nearest-neighbour graph, one-hot, or soft near the boundaries when ``overlap`` > 0.
-
-    Isomap preserves geodesic (along-the-manifold) distances, so the clusters are contiguous
-    pieces of the manifold of similar *length* (arcs of a curve, patches of a surface). A
-    spectral embedding gave contiguous pieces too, but of similar point *count*: on the spiral
-    its outer chart held 60% of the length and its expert folded. Above ``max_points``
-    points, the embedding is fit on a subsample and the rest labelled by their nearest point.
-    """
-    from sklearn.cluster import KMeans
-    from sklearn.manifold import Isomap
-    from sklearn.neighbors import KNeighborsClassifier
-
-    n = len(X)
-    if n_charts == 1 or n < 4:
-        return np.ones((n, n_charts))
-    rng = np.random.default_rng(seed)
-    sub = np.sort(rng.choice(n, max_points, replace=False)) if n > max_points else np.arange(n)
-    Xs = X[sub]
-    n_neighbors = max(2, min(10, len(Xs) // 4))
-    with warnings.catch_warnings():
-        # a disconnected neighbour graph is completed by Isomap itself; say nothing
-        warnings.simplefilter("ignore")
-        try:
-            emb = Isomap(n_neighbors=n_neighbors, n_components=min(n_components, len(Xs) - 2),
-                         eigen_solver="dense").fit_transform(Xs)
-        except (ValueError, np.linalg.LinAlgError):
-            emb = Xs  # degenerate graph (duplicates, tiny data): cluster in ambient space
-        km = KMeans(n_clusters=min(n_charts, len(Xs)), n_init=4, random_state=seed).fit(emb)
-    d2 = km.transform(emb) ** 2  # (n_sub, n_charts) squared distances to the centres
-    if overlap > 0:
-        # soft within ~overlap x the centre spacing of a boundary: neighbours learn to reach
-        # across it, so the responsibility phase can move boundaries where that fits better
-        c = km.cluster_centers_
-        gap = np.sort(((c[:, None] - c[None]) ** 2).sum(-1), axis=1)[:, 1].mean()
-        z = -(d2 - d2.min(1, keepdims=True)) / (overlap * gap)
-        soft = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-    else:
-        soft = np.eye(n_charts)[d2.argmin(1)]
-    if len(sub) < n:
-        soft = soft[KNeighborsClassifier(1).fit(Xs, np.arange(len(Xs))).predict(X)]
-    return soft
-
-
 @dataclass
 class TrainState:
     epoch: int = 0  # completed epochs
@@ -158,6 +111,7 @@ class Trainer:
         self.dropout = DropoutMasks(mc.dropout, self.dropout_gens) if mc.dropout > 0 else None
         self.labels: torch.Tensor | None = None  # (M, n, E) routing targets per point
         self.knn: torch.Tensor | None = None  # (M, n, k) neighbours of each training point
+        self.coords: torch.Tensor | None = None  # (M, n, E, k) starting chart coordinates
         self.optimizer = FusedAdam(self.model.parameters(), lr=cfg.lr,
                                    weight_decay=cfg.weight_decay)
 
@@ -175,11 +129,17 @@ class Trainer:
         if self.cfg.chart_init:
             k = self.model.cfg.latent_dim
             E = max(self.model.counts)
-            labels = [np.pad(initial_charts(X[m].cpu().numpy(), c, k + 1, s,
-                                             overlap=self.cfg.init_overlap), ((0, 0), (0, E - c)))
+            starts = [initial_atlas(X[m].cpu().numpy(), c, k, s, overlap=self.cfg.init_overlap,
+                                    coordinates=self.cfg.latent_init > 0)
                       for m, (c, s) in enumerate(zip(self.model.counts, self.seeds))]
+            labels = [np.pad(lab, ((0, 0), (0, E - lab.shape[1]))) for lab, _ in starts]
             self.labels = torch.as_tensor(np.stack(labels), dtype=torch.float32,
                                           device=self.device)
+            if self.cfg.latent_init > 0:
+                coords = [np.pad(c, ((0, 0), (0, E - c.shape[1]), (0, 0)),
+                                 constant_values=np.nan) for _, c in starts]
+                self.coords = torch.as_tensor(np.stack(coords), dtype=torch.float32,
+                                              device=self.device)
         if self.cfg.routing == "responsibility" and self.cfg.relabel_neighbors > 0:
             from sklearn.neighbors import NearestNeighbors
 
@@ -231,8 +191,11 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------
     def loss(self, x: torch.Tensor, labels: torch.Tensor | None, progress: float,
-             warm: bool) -> tuple[torch.Tensor, dict]:
-        """Per-model loss (M,) for a batch x (M, B, d) and its terms for the log."""
+             warm: bool, coords: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Per-model loss (M,) for a batch x (M, B, d) and its terms for the log.
+
+        ``coords`` (M, B, E, k), NaN where unknown: target chart coordinates (warm start).
+        """
         m = self.model
         out = m(x, self.dropout if m.training else None)
         valid = m.active
@@ -266,6 +229,13 @@ class Trainer:
             expert = (weight * err.masked_fill(~valid[:, None, :], 0.0)).sum(-1).mean(-1)
             terms = {"expert": expert, "router": router}
             loss = expert + router
+            if coords is not None:
+                z = m.padded(out.latents).transpose(1, 2)  # (M, B, E, k)
+                known = ~coords.isnan()
+                sq = torch.where(known, z - coords.nan_to_num(0.0), 0.0) ** 2
+                lat = sq.sum((1, 2, 3)) / known.sum((1, 2, 3)).clamp_min(1)
+                terms["coordinates"] = lat
+                loss = loss + self.cfg.latent_init * lat
         if self.cfg.balance_weight:
             bal = LossTerms.load_balance(out.probs, valid)
             terms["balance"] = bal
@@ -321,8 +291,12 @@ class Trainer:
                     xb = xb + cfg.input_noise * m.scale * noise
                 lb = None if self.labels is None else self.labels.gather(
                     1, idx[..., None].expand(-1, -1, self.labels.shape[-1]))  # (M, b, E)
+                cb = None
+                if self.coords is not None and epoch < cfg.warm_start_epochs:
+                    E, k = self.coords.shape[2:]
+                    cb = self.coords.gather(1, idx[..., None, None].expand(-1, -1, E, k))
                 self.optimizer.lr = cfg.lr * self.lr_factor(st.step, total, steps_per_epoch)
-                loss, _ = self.loss(xb, lb, st.step / max(1, total), warm)
+                loss, _ = self.loss(xb, lb, st.step / max(1, total), warm, cb)
                 if not torch.isfinite(loss).all():
                     bad = torch.nonzero(~torch.isfinite(loss)).flatten().tolist()
                     raise DivergenceError(epoch + 1, s + 1, bad)
@@ -354,6 +328,8 @@ class Trainer:
         extra = {} if self.labels is None else {"labels": self.labels}
         if self.knn is not None:
             extra["knn"] = self.knn
+        if self.coords is not None:
+            extra["coords"] = self.coords
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "rng": rng, "extra": extra,
                 "state": {"epoch": self.state.epoch, "step": self.state.step,
@@ -370,6 +346,8 @@ class Trainer:
         self.labels = None if labels is None else labels.to(self.device)
         knn = sd.get("extra", {}).get("knn")
         self.knn = None if knn is None else knn.to(self.device)
+        coords = sd.get("extra", {}).get("coords")
+        self.coords = None if coords is None else coords.to(self.device)
         st = sd["state"]
         self.state = TrainState(st["epoch"], st["step"], list(st["history"]))
 
