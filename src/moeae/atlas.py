@@ -103,7 +103,7 @@ def geodesic_embedding(graph, n_components: int) -> tuple[np.ndarray, np.ndarray
 
 def initial_atlas(X: np.ndarray, n_charts: int, latent_dim: int, seed: int,
                   overlap: float = 0.0, coordinates: bool = False, max_points: int = 2000,
-                  min_weight: float = 0.05, limit: float = 0.8, max_extra: float = 0.05):
+                  min_weight: float = 0.05, limit: float = 0.8, max_extra: float = 0.25):
     """Starting charts (n, n_charts) and, with ``coordinates``, chart coordinates
     (n, n_charts, latent_dim), NaN where a point has none (off the chart, or a chart that
     closes on itself: its next geodesic eigenvalue is above ``max_extra`` times the last kept

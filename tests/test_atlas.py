@@ -1,0 +1,88 @@
+"""The starting atlas: a graph along the manifold, geodesic charts, unfolded coordinates."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.stats import spearmanr
+from sklearn.neighbors import kneighbors_graph
+
+from moeae import datasets as ds
+from moeae.atlas import geodesic_embedding, initial_atlas, neighbour_graph
+from moeae.metrics import chart_shape
+
+
+def cross_branch_edges(graph, t, period=None, max_dt=0.3) -> int:
+    g = graph.tocoo()
+    dt = np.abs(t[g.row] - t[g.col])
+    if period is not None:
+        dt = np.minimum(dt, period - dt)
+    return int((dt > max_dt).sum())
+
+
+def test_figure8_graph_does_not_cross_at_the_waist():
+    for seed in range(3):
+        X, t = ds.make_figure8(1000, random_state=seed)
+        plain = kneighbors_graph(X, 10)
+        assert cross_branch_edges(plain, t, 2 * np.pi) > 0  # the shortcut the filter removes
+        graph, clean = neighbour_graph(X, 10, 1)
+        assert cross_branch_edges(graph, t, 2 * np.pi) == 0
+        assert 0.97 * len(X) <= clean.sum() < len(X)  # a few points at the crossing left out
+        assert connected_components(graph[clean][:, clean], directed=False)[0] == 1
+
+
+def test_noisy_or_high_dimensional_data_keeps_the_plain_graph():
+    X, _ = ds.load_digits()
+    graph, clean = neighbour_graph(X[:500], 10, 2)
+    assert clean.all()
+    plain = kneighbors_graph(X[:500], 10, mode="distance")
+    plain = plain.maximum(plain.T)
+    assert (graph != plain).nnz == 0
+
+
+def test_geodesic_embedding_of_a_path_is_its_arc_length():
+    rng = np.random.default_rng(0)
+    pos = np.cumsum(rng.uniform(0.5, 2.0, 30))  # points on a line, uneven spacing
+    i = np.arange(29)
+    graph = csr_matrix((np.diff(pos), (i, i + 1)), shape=(30, 30))
+    z, w = geodesic_embedding(graph, 2)
+    expected = pos - pos.mean()
+    z0 = z[:, 0] * np.sign(z[0, 0] * expected[0])
+    np.testing.assert_allclose(z0, expected, atol=1e-8)
+    assert abs(w[1]) < 1e-8 * w[0]  # a path is flat: no second dimension
+
+
+def test_spiral_charts_are_arcs_with_monotone_coordinates():
+    X, t = ds.make_spiral(1000, random_state=0)
+    labels, coords = initial_atlas(X, 4, 1, seed=0, coordinates=True)
+    chart = labels.argmax(1)
+    assert chart_shape(chart, np.zeros((1000, 1)), t, closed=False)["max_arcs_per_chart"] == 1
+    for e in range(4):
+        on = chart == e
+        z = coords[on, e, 0]
+        assert np.isfinite(z).all() and np.abs(z).max() <= 0.8 + 1e-9
+        assert abs(spearmanr(z, t[on]).statistic) > 0.999  # unrolled, not folded
+
+
+def test_a_chart_that_closes_on_itself_gets_no_coordinates():
+    X, t = ds.make_circle(400, random_state=0)
+    _, coords = initial_atlas(X, 1, 1, seed=0, coordinates=True)
+    assert np.isnan(coords).all()  # a flat coordinate would fold the loop
+    arc = t < np.pi  # half the circle is an arc: it unrolls
+    _, coords = initial_atlas(X[arc], 1, 1, seed=0, coordinates=True)
+    assert np.isfinite(coords).all()
+    assert abs(spearmanr(coords[:, 0, 0], t[arc]).statistic) > 0.999
+
+
+def test_soft_overlap_and_subsampling_cover_every_point():
+    X, _ = ds.make_sphere(3000, random_state=0)
+    labels, coords = initial_atlas(X, 4, 2, seed=0, overlap=0.3, coordinates=True,
+                                   max_points=1000)
+    assert labels.shape == (3000, 4) and coords.shape == (3000, 4, 2)
+    np.testing.assert_allclose(labels.sum(1), 1.0)
+    assert ((labels > 0.05) & (labels < 0.95)).any()  # soft near boundaries
+    known = np.isfinite(coords).all(-1).any(-1)
+    assert 900 <= known.sum() <= 1000  # coordinates only for the subsample's clean points
+    labels2, _ = initial_atlas(X, 4, 2, seed=0, overlap=0.3, max_points=1000)
+    np.testing.assert_array_equal(labels, labels2)  # deterministic for a seed
