@@ -173,13 +173,28 @@ def _print_metrics(m: dict, as_json: bool) -> None:
         print(f"{k:<{width}}  {v:.6g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
 
 
-def cmd_reproduce(args) -> int:
+def figure_pool():
+    """Two forked workers that import matplotlib while this process imports torch and trains,
+    then draw the figures side by side (matplotlib is single-threaded; this machine has two
+    cores). None where fork is unavailable: the study then draws them itself."""
+    import multiprocessing
+
+    if os.name != "posix" or (os.cpu_count() or 1) < 2:
+        return None
+    return multiprocessing.get_context("fork").Pool(2, initializer=_import_plot)
+
+
+def _import_plot() -> None:
+    from . import _draw, plot  # noqa: F401
+
+
+def cmd_reproduce(args, pool=None) -> int:
     from .study import StudySpec, run_study
 
     spec = StudySpec(out=Path(args.out), recipe=args.recipe, epochs=args.epochs, seed=args.seed,
                      seeds=args.seeds, device=args.device, figures=not args.no_figures,
                      progress=args.progress)
-    table = run_study(spec)
+    table = run_study(spec, pool)
     last = max(r["epoch"] for r in table) if table else 0
     print(f"{'dataset':<8} {'experts':>7} {'mse_soft':>10} {'mse_hard':>10} {'fvu_hard':>10} "
           f"{'used':>4}")
@@ -270,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("train --resume takes the run folder; do not also give --out/--data")
         if not args.resume and not (args.data and args.out):
             parser.error("train needs --data and --out (or --resume RUN_DIR)")
+    pool = None
+    if args.command == "reproduce" and not args.no_figures:
+        pool = figure_pool()  # before torch: the workers import matplotlib meanwhile
     import torch
 
     torch.set_num_threads(resolve_threads(args.threads))
@@ -280,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     from .training import DivergenceError
 
     try:
+        if pool is not None:
+            with pool:
+                return cmd_reproduce(args, pool)
         return COMMANDS[args.command](args)
     except (DataError, RunError, CheckpointError, DivergenceError, ValueError, TypeError,
             OSError) as exc:

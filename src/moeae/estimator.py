@@ -40,10 +40,12 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         Override the recipe's value when not None.
     weight_decay, input_noise : float, optional
         Regularisation (AdamW decay; Gaussian noise on standardized training inputs).
-    n_init : int, default=1
+    n_init : int or "auto", default="auto"
         Independent starts (seeds ``random_state``, +1, ...) trained together as one batched
         population; the one with the lowest hard reconstruction error on the training data is
-        kept. Costs about ``n_init`` times the compute.
+        kept, as k-means keeps its best start. ``"auto"``: 2 for curves (``latent_dim == 1``),
+        where a start whose chart boundary drifts onto a self-crossing (the figure-8's waist)
+        fails, and 1 otherwise. Each start costs about one more fit of compute.
     device : {"auto", "cpu", "cuda"}, default="auto"
     random_state : int or None, default=None
         Seed of initialisation, shuffling and dropout. None draws one from numpy's global RNG.
@@ -62,7 +64,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
 
     def __init__(self, *, n_experts=4, latent_dim=1, recipe="best", epochs=None,
                  batch_size=None, lr=None, width=None, depth=None, dropout=None,
-                 weight_decay=None, input_noise=None, n_init=1, device="auto",
+                 weight_decay=None, input_noise=None, n_init="auto", device="auto",
                  random_state=None, verbose=False):
         self.n_experts = n_experts
         self.latent_dim = latent_dim
@@ -106,10 +108,13 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         n, d = X.shape
         mc, tc = self._configs(d)
         check_configs(mc, tc, n, d)
-        if isinstance(self.n_init, bool) or not isinstance(self.n_init, (int, np.integer)) \
+        if isinstance(self.n_init, str) and self.n_init == "auto":
+            k = 2 if mc.latent_dim == 1 else 1
+        elif isinstance(self.n_init, bool) or not isinstance(self.n_init, (int, np.integer)) \
                 or self.n_init < 1:
-            raise ValueError(f"n_init must be an int >= 1, got {self.n_init!r}")
-        k = int(self.n_init)
+            raise ValueError(f"n_init must be an int >= 1 or 'auto', got {self.n_init!r}")
+        else:
+            k = int(self.n_init)
         # n_init starts (seeds seed, seed+1, ...) train as one population, as KMeans's n_init;
         # the one whose hard reconstruction of the training data is best is kept
         trainer = Trainer(MoEAE(mc, [mc.n_experts] * k), tc, [tc.seed + i for i in range(k)],

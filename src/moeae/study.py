@@ -68,8 +68,12 @@ def _csv_bytes(rows: list[dict]) -> bytes:
     return buf.getvalue().encode()
 
 
-def run_study(spec: StudySpec) -> list[dict]:
-    """Train, evaluate, write ``metrics.csv``/``metrics.json`` and figures; return the table."""
+def run_study(spec: StudySpec, pool=None) -> list[dict]:
+    """Train, evaluate, write ``metrics.csv``/``metrics.json`` and figures; return the table.
+
+    ``pool``: an optional ``multiprocessing`` pool that draws the figures (its workers should
+    have imported :mod:`moeae.plot` already); without one, they are drawn here and in one
+    forked process."""
     t0 = time.perf_counter()
     out = Path(spec.out)
     if out.exists() and not out.is_dir():
@@ -147,46 +151,55 @@ def run_study(spec: StudySpec) -> list[dict]:
     spec.timings["write"] = time.perf_counter() - t2
     if spec.figures and last_epoch > 0:
         t3 = time.perf_counter()
-        write_figures(out, keep, spec, last_epoch)
+        write_figures(out, keep, spec, last_epoch, pool)
         spec.timings["figures"] = time.perf_counter() - t3
     spec.timings["total"] = time.perf_counter() - t0
     return table
 
 
-def write_figures(out: Path, keep: dict, spec: StudySpec, last: int) -> None:
+def write_figures(out: Path, keep: dict, spec: StudySpec, last: int, pool=None) -> None:
     """Draw the seed's figures (and, for other recipes, the hard-chart figures).
 
-    The slowest figure (the 20-panel epochs grid) is drawn in a forked process while this one
-    draws the rest: matplotlib is single-threaded and this machine has two cores.
+    With a ``pool``, its workers draw them, slowest first. Otherwise the slowest (the 20-panel
+    epochs grid) is drawn in a forked process while this one draws the rest: matplotlib is
+    single-threaded and this machine has two cores. A figure a worker failed to draw is drawn
+    here: every figure must exist.
     """
-    from . import plot
+    from ._draw import draw
 
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     final = {(n, E): keep[(n, E, last)] for n in spec.datasets for E in spec.experts}
-    jobs = []
+    jobs = []  # (plot function, args, kwargs), slowest first
     if "circle" in spec.datasets:
         circles = {(e, E): keep[("circle", E, e)] for e in _spread(last, 5)
                    for E in spec.experts}
-        jobs.append((plot.plot_grid_epochs, (circles, fig_dir / "gridplot-circles.png"),
+        jobs.append(("plot_grid_epochs", (circles, fig_dir / "gridplot-circles.png"),
                      {"name": "circle"}))
-    jobs.append((plot.plot_grid_functions, (final, fig_dir / "gridplot-functions.png"), {}))
+    jobs.append(("plot_grid_functions", (final, fig_dir / "gridplot-functions.png"), {}))
     if 1 in spec.experts:
-        jobs.append((plot.plot_vanilla, ({n: final[(n, 1)] for n in spec.datasets},
-                                         fig_dir / "vanilla_approach.png"), {"epoch": last}))
+        jobs.append(("plot_vanilla", ({n: final[(n, 1)] for n in spec.datasets},
+                                      fig_dir / "vanilla_approach.png"), {"epoch": last}))
     if spec.recipe != "seed":
-        jobs.append((plot.plot_grid_functions, (final, fig_dir / "gridplot-functions-hard.png"),
+        jobs.append(("plot_grid_functions", (final, fig_dir / "gridplot-functions-hard.png"),
                      {"reconstruction": "x_hard"}))
-        jobs.append((plot.plot_charts, ({k: v for k, v in final.items() if k[1] > 1},
-                                        fig_dir / "charts.png"), {}))
+        jobs.append(("plot_charts", ({k: v for k, v in final.items() if k[1] > 1},
+                                     fig_dir / "charts.png"), {}))
+    if pool is not None:
+        pending = [(job, pool.apply_async(draw, job)) for job in jobs]
+        for job, res in pending:
+            try:
+                res.get()
+            except Exception:  # noqa: BLE001 - a worker failed: draw it here instead
+                draw(*job)
+        return
     child = _start_forked(jobs[0]) if len(jobs) > 1 else None
-    for fn, args, kwargs in jobs[1 if child else 0:]:
-        fn(*args, **kwargs)
+    for job in jobs[1 if child else 0:]:
+        draw(*job)
     if child is not None:
         child.join()
         if child.exitcode != 0:  # draw it here instead: the figure must exist
-            fn, args, kwargs = jobs[0]
-            fn(*args, **kwargs)
+            draw(*jobs[0])
 
 
 def _start_forked(job):
@@ -196,7 +209,8 @@ def _start_forked(job):
 
     if os.name != "posix" or (os.cpu_count() or 1) < 2:
         return None
-    fn, args, kwargs = job
-    proc = multiprocessing.get_context("fork").Process(target=fn, args=args, kwargs=kwargs)
+    from ._draw import draw
+
+    proc = multiprocessing.get_context("fork").Process(target=draw, args=job)
     proc.start()
     return proc

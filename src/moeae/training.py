@@ -12,10 +12,12 @@ Two routing modes (``TrainConfig.routing``):
   by cross-entropy towards detached targets built from ``softmax(-err / tau)`` (as the
   chart-assignment step of Chart Auto-Encoders, Schonsheck et al. 2019), with ``tau`` annealed
   from soft to nearly hard; each expert learns its error weighted by the same targets (or the
-  router's probabilities). Charts can start as k-means clusters of an Isomap embedding
-  (``chart_init``, followed by ``warm_start_epochs`` towards them); with ``relabel_neighbors``
-  the targets are recomputed once per epoch over the whole training set and averaged over each
-  point's nearest neighbours (:meth:`Trainer.relabel`), else per batch.
+  router's probabilities). Charts can start from a geodesic atlas of the data
+  (``chart_init``, :mod:`moeae.atlas`, followed by ``warm_start_epochs`` towards those charts
+  and, with ``latent_init``, towards each chart's unrolled coordinates); with
+  ``relabel_neighbors`` the targets are recomputed once per epoch over the whole training set
+  and averaged over each point's nearest neighbours along the manifold
+  (:meth:`Trainer.relabel`), else per batch.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .atlas import initial_atlas
+from .atlas import initial_atlas, manifold_neighbours
 from .config import TrainConfig
 from .layers import DropoutMasks
 from .model import MoEAE
@@ -141,19 +143,18 @@ class Trainer:
                 self.coords = torch.as_tensor(np.stack(coords), dtype=torch.float32,
                                               device=self.device)
         if self.cfg.routing == "responsibility" and self.cfg.relabel_neighbors > 0:
-            from sklearn.neighbors import NearestNeighbors
-
             k = min(self.cfg.relabel_neighbors, X.shape[1])
-            knn = [NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)[1]
+            knn = [manifold_neighbours(x, k, self.model.cfg.latent_dim)
                    for x in X.cpu().numpy()]
             self.knn = torch.as_tensor(np.stack(knn), device=self.device)  # (M, n, k)
 
     @torch.no_grad()
     def relabel(self, X: torch.Tensor, progress: float) -> None:
         """Routing targets for the next epoch, from the whole training set: each point's
-        responsibilities ``softmax(-err / tau)``, averaged over its nearest neighbours in the
-        data. The average keeps charts contiguous where two experts fit equally well, which
-        per-batch targets turned into many one-point fragments."""
+        responsibilities ``softmax(-err / tau)``, averaged over its nearest neighbours along the
+        manifold (never across a crossing: :func:`moeae.atlas.manifold_neighbours`). The
+        average keeps charts contiguous where two experts fit equally well, which per-batch
+        targets turned into many one-point fragments."""
         m = self.model
         was = m.training
         m.eval()
