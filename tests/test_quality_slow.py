@@ -9,6 +9,7 @@ from sklearn.decomposition import PCA
 
 from moeae import MoEAutoencoder
 from moeae import datasets as ds
+from moeae.metrics import chart_shape
 
 pytestmark = pytest.mark.slow
 
@@ -31,21 +32,33 @@ def test_curves_hard_fvu(make, experts, limit):
     assert est.reconstruction_error(X_te, "hard") <= limit
 
 
-def test_figure8_with_three_starts():
-    # one start reaches 3e-5 to 1e-3 depending on its chart start; the best of three is reliable
-    X, _ = ds.make_figure8(1000, random_state=0)
-    X_te, _ = ds.make_figure8(1000, grid=True)
-    est = MoEAutoencoder(n_experts=2, n_init=3, random_state=0).fit(X)
+@pytest.mark.parametrize("make, experts, closed", [(ds.make_figure8, 2, True),
+                                                    (ds.make_spiral, 4, False)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_default_settings_give_clean_hard_charts(make, experts, closed, seed):
+    X, _ = make(1000, random_state=seed)
+    X_te, t_te = make(1000, grid=True)
+    est = MoEAutoencoder(n_experts=experts, random_state=seed).fit(X)
     assert est.reconstruction_error(X_te, "hard") <= 1e-4
+    codes = est.transform(X_te)
+    shape = chart_shape(codes[:, 0].astype(int), codes[:, 1:], t_te, closed)
+    assert shape["max_arcs_per_chart"] <= 2 and shape["max_z_jump"] <= 0.25
 
 
-@pytest.mark.xfail(reason="known gap (docs/recipes.md): the spiral with 4 charts reaches 1e-3 "
-                          "to 6e-3, also with n_init=3; goal 1e-4", strict=False)
-def test_spiral_hard_fvu():
-    X, _ = ds.make_spiral(1000, random_state=0)
-    X_te, _ = ds.make_spiral(1000, grid=True)
+def _lissajous(n, random_state=None, grid=False):
+    # a closed curve with crossings, never used while tuning
+    rng = np.random.default_rng(random_state)
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False) if grid else rng.uniform(0, 2 * np.pi, n)
+    return np.c_[np.sin(3 * t), np.sin(2 * t)], t
+
+
+@pytest.mark.xfail(reason="known gap: a curve with many crossings (a 3:2 Lissajous figure) and 4 "
+                          "charts reached 2.9e-3 with 6 arcs in a chart", strict=False)
+def test_untuned_curve_with_crossings():
+    X, _ = _lissajous(1000, random_state=0)
+    X_te, _ = _lissajous(1000, grid=True)
     est = MoEAutoencoder(n_experts=4, random_state=0).fit(X)
-    assert est.reconstruction_error(X_te, "hard") <= 1e-4
+    assert est.reconstruction_error(X_te, "hard") <= 5e-4
 
 
 def test_curve_in_10d_with_noise_recovers_the_clean_curve():
@@ -59,7 +72,7 @@ def test_curve_in_10d_with_noise_recovers_the_clean_curve():
 
 
 @pytest.mark.parametrize("make, experts, limit", [(ds.make_sphere, 4, 1e-4),
-                                                  (ds.make_torus, 8, 1e-3)])
+                                                  (ds.make_torus, 8, 5e-4)])
 def test_surfaces_hard_fvu(make, experts, limit):
     X, _ = make(2000, random_state=0)
     X_te, _ = make(2000, random_state=100)
