@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["neighbour_graph", "geodesic_embedding", "initial_atlas", "manifold_neighbours"]
+__all__ = ["neighbour_graph", "geodesic_embedding", "initial_atlas"]
 
 
 def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: float = 0.2,
@@ -71,23 +71,6 @@ def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: fl
     if parts > connected_components(plain, directed=False)[0]:
         return plain, everyone
     return graph, clean
-
-
-def manifold_neighbours(X: np.ndarray, n_neighbors: int, dim: int) -> np.ndarray:
-    """Each point and its nearest neighbours *along the manifold*: (n, n_neighbors) indices,
-    column 0 the point itself, from :func:`neighbour_graph`'s edges. A point with fewer edges
-    (an ambiguous point at a crossing has none) repeats its own index in the free columns, so
-    an average over the row never mixes the branches of a crossing."""
-    n = len(X)
-    graph, _ = neighbour_graph(X, max(2, min(10, n // 4)), dim)
-    graph = graph.tocsr()
-    out = np.repeat(np.arange(n)[:, None], n_neighbors, axis=1)
-    for i in range(n):
-        lo, hi = graph.indptr[i], graph.indptr[i + 1]
-        nb = graph.indices[lo:hi][np.argsort(graph.data[lo:hi], kind="stable")]
-        nb = nb[:n_neighbors - 1]
-        out[i, 1:1 + len(nb)] = nb
-    return out
 
 
 def _graph(rows, cols, lengths, n):
