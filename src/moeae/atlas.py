@@ -83,6 +83,7 @@ def _graph(rows, cols, lengths, n):
 def geodesic_embedding(graph, n_components: int) -> tuple[np.ndarray, np.ndarray]:
     """Classical MDS of the shortest-path distances of ``graph``: (n, n_components) and the
     eigenvalues (n_components,). Unreachable pairs get the largest finite distance."""
+    from scipy.linalg import eigh
     from scipy.sparse.csgraph import shortest_path
 
     D = shortest_path(graph, method="D", directed=False)
@@ -93,8 +94,6 @@ def geodesic_embedding(graph, n_components: int) -> tuple[np.ndarray, np.ndarray
     K = -0.5 * D**2
     K -= K.mean(0, keepdims=True)
     K -= K.mean(1, keepdims=True)
-    from scipy.linalg import eigh
-
     m = min(n_components, n)
     w, V = eigh(K, subset_by_index=[n - m, n - 1])
     w, V = w[::-1], V[:, ::-1]
