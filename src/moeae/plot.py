@@ -101,6 +101,9 @@ def _draw_panel(ax, snap: dict, reconstruction: str = "x_soft", title: str = "",
         # zorder 2 puts the lines above the points, as plt.plot did in the reference.
         ax.add_collection(LineCollection(segments, colors="black", alpha=0.1, zorder=2))
         ax.set_aspect("equal")
+        # at most ~3 ticks per axis: tick labels are most of a panel's drawing time (the 20-panel
+        # epochs grid: ~2.0 s of CPU against ~2.5-3.0 s with matplotlib's default ticks)
+        ax.locator_params(nbins=3)
     ax.set_title(title + suffix)
     return [t.get_text() for t in _legend(ax).get_texts()]
 
