@@ -86,3 +86,14 @@ def test_soft_overlap_and_subsampling_cover_every_point():
     assert 900 <= known.sum() <= 1000  # coordinates only for the subsample's clean points
     labels2, _ = initial_atlas(X, 4, 2, seed=0, overlap=0.3, max_points=1000)
     np.testing.assert_array_equal(labels, labels2)  # deterministic for a seed
+
+
+def test_a_shared_cache_changes_nothing():
+    X, _ = ds.make_spiral(600, random_state=2)
+    cache: dict = {}
+    for E, seed in [(2, 0), (4, 1), (4, 2)]:
+        cached = initial_atlas(X, E, 1, seed, overlap=0.3, coordinates=True, cache=cache)
+        alone = initial_atlas(X, E, 1, seed, overlap=0.3, coordinates=True)
+        np.testing.assert_array_equal(cached[0], alone[0])
+        np.testing.assert_array_equal(cached[1], alone[1])
+    assert len(cache) == 1  # one data set: one graph and embedding

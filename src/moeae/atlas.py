@@ -100,9 +100,31 @@ def geodesic_embedding(graph, n_components: int) -> tuple[np.ndarray, np.ndarray
     return V * np.sqrt(np.clip(w, 0, None)), w
 
 
+def _geodesic_start(Xs: np.ndarray, k: int, cache: dict | None):
+    """The graph of Xs, its clean points and their geodesic embedding (or Xs where the graph
+    is degenerate), from ``cache`` when it holds them for these exact points."""
+    import hashlib
+
+    key = (hashlib.sha256(np.ascontiguousarray(Xs).tobytes()).hexdigest(), Xs.shape, k)
+    if cache is not None and key in cache:
+        return cache[key]
+    graph, clean = neighbour_graph(Xs, max(2, min(10, len(Xs) // 4)), k)
+    cl = np.flatnonzero(clean)
+    emb = None
+    if len(cl) >= 4:
+        try:
+            emb, _ = geodesic_embedding(graph[cl][:, cl], min(k + 1, len(cl) - 2))
+        except (ValueError, np.linalg.LinAlgError):
+            emb = Xs[cl]  # degenerate graph (duplicates, tiny data): cluster in ambient space
+    if cache is not None:
+        cache[key] = (graph, cl, emb)
+    return graph, cl, emb
+
+
 def initial_atlas(X: np.ndarray, n_charts: int, latent_dim: int, seed: int,
                   overlap: float = 0.0, coordinates: bool = False, max_points: int = 2000,
-                  min_weight: float = 0.05, limit: float = 0.8, max_extra: float = 0.25):
+                  min_weight: float = 0.05, limit: float = 0.8, max_extra: float = 0.25,
+                  cache: dict | None = None):
     """Starting charts (n, n_charts) and, with ``coordinates``, chart coordinates
     (n, n_charts, latent_dim), NaN where a point has none (off the chart, or a chart that
     closes on itself: its next geodesic eigenvalue is above ``max_extra`` times the last kept
@@ -111,6 +133,10 @@ def initial_atlas(X: np.ndarray, n_charts: int, latent_dim: int, seed: int,
     ``overlap`` > 0 makes memberships soft within ``overlap`` x the chart spacing of a
     boundary, so neighbours learn to reach across it. Above ``max_points`` points the atlas is
     built on a subsample and every other point copies its nearest subsampled point.
+
+    ``cache``: a dict shared between calls on the same data (several expert counts or starts
+    of one data set): the graph and its geodesic embedding, which do not depend on the number
+    of charts or the seed, are then computed once.
     """
     from sklearn.cluster import KMeans
     from sklearn.neighbors import NearestNeighbors
@@ -120,15 +146,10 @@ def initial_atlas(X: np.ndarray, n_charts: int, latent_dim: int, seed: int,
     rng = np.random.default_rng(seed)
     sub = np.sort(rng.choice(n, max_points, replace=False)) if n > max_points else np.arange(n)
     Xs = X[sub]
-    graph, clean = neighbour_graph(Xs, max(2, min(10, len(Xs) // 4)), k)
-    cl = np.flatnonzero(clean)
+    graph, cl, emb = _geodesic_start(Xs, k, cache)
     if n_charts == 1 or len(cl) < 4:
         labels = np.ones((len(cl), n_charts))
     else:
-        try:
-            emb, _ = geodesic_embedding(graph[cl][:, cl], min(k + 1, len(cl) - 2))
-        except (ValueError, np.linalg.LinAlgError):
-            emb = Xs[cl]  # degenerate graph (duplicates, tiny data): cluster in ambient space
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             km = KMeans(n_clusters=min(n_charts, len(cl)), n_init=4, random_state=seed).fit(emb)

@@ -135,8 +135,9 @@ class Trainer:
         if self.cfg.chart_init:
             k = self.model.cfg.latent_dim
             E = max(self.model.counts)
+            shared: dict = {}  # models on the same data share its graph and embedding
             starts = [initial_atlas(X[m].cpu().numpy(), c, k, s, overlap=self.cfg.init_overlap,
-                                    coordinates=self.cfg.latent_init > 0)
+                                    coordinates=self.cfg.latent_init > 0, cache=shared)
                       for m, (c, s) in enumerate(zip(self.model.counts, self.seeds))]
             labels = [np.pad(lab, ((0, 0), (0, E - lab.shape[1]))) for lab, _ in starts]
             self.labels = torch.as_tensor(np.stack(labels), dtype=torch.float32,
