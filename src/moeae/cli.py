@@ -30,6 +30,7 @@ def _int_at_least(low: int):
 
 
 _positive_int = _int_at_least(1)
+_nonneg_int = _int_at_least(0)
 
 
 def _threads(text: str) -> int | str:
@@ -49,7 +50,6 @@ def resolve_threads(threads: int | str) -> int:
     except (AttributeError, OSError):  # not on this platform: be safe
         return 1
     return 2 if cores >= 2 and cores - load >= 1.5 else 1
-_nonneg_int = _int_at_least(0)
 
 
 def _positive_float(text: str) -> float:

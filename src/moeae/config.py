@@ -40,11 +40,11 @@ class TrainConfig:
     tau_end: float = 0.01  # ... and at the end, annealed geometrically
     expert_weight: str = "router"  # experts learn each point weighted by "router" or "target"
     balance_weight: float = 0.0  # Switch-style load-balancing loss weight
-    chart_init: bool = False  # start charts from k-means on an Isomap embedding
+    chart_init: bool = False  # start charts from a geodesic atlas of the data (moeae.atlas)
     warm_start_epochs: int = 0  # epochs of training towards the initial charts
     init_overlap: float = 0.0  # soft initial charts near boundaries (0: hard)
-    latent_init: float = 0.0  # > 0: warm start also pulls each chart's z towards an Isomap
-    #                           of that chart's points, with this weight (unfolded charts)
+    latent_init: float = 0.0  # > 0: warm start also pulls each chart's z towards the geodesic
+    #                           coordinates of that chart's points, with this weight
     relabel_neighbors: int = 0  # > 0: per-epoch targets averaged over this many neighbours
     relabel_hard: bool = False  # per-epoch targets one-hot (the argmax of the average)
     standardize: bool = False  # centre inputs and divide by one overall scale
