@@ -7,6 +7,8 @@ with one line ``error: ...`` on stderr (a traceback only with ``--debug``).
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import json
 import math
 import os
@@ -277,7 +279,16 @@ COMMANDS = {"reproduce": cmd_reproduce, "train": cmd_train, "encode": cmd_encode
             "decode": cmd_decode, "evaluate": cmd_evaluate}
 
 
+def _freeze_at_exit() -> None:
+    """Freeze the garbage collector's heap when the interpreter exits: its final collections
+    walk torch's ~165k import-time objects, 0.6-0.8 s of every command's exit on this machine
+    (a bare ``import torch`` exits in 1.2-1.5 s with this against 2.0-2.2 s without)."""
+    atexit.unregister(gc.freeze)  # once, however often main() runs in one process
+    atexit.register(gc.freeze)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _freeze_at_exit()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":  # usage errors exit 2, as argparse's own
