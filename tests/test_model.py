@@ -88,15 +88,34 @@ def test_encode_decode_is_the_hard_reconstruction():
         np.testing.assert_allclose(x_hard[0, i], y[0, chart[0, i], i].detach(), atol=1e-6)
 
 
-def test_dropout_rate_and_scale():
-    gen = torch.Generator().manual_seed(0)
-    drop = DropoutMasks(0.1, [gen])
-    x = torch.ones(1, 1000, 100)
-    drop.start([100000], "cpu")
-    y = drop(x, [1])
-    kept = (y > 0).float().mean().item()
-    assert abs(kept - 0.9) < 0.005
-    assert torch.allclose(y[y > 0], torch.tensor(1 / 0.9), atol=1e-4)
+def test_dropout_rate_scale_and_layout():
+    from moeae.layers import DropoutSites
+
+    drop = DropoutMasks(0.1, [torch.Generator().manual_seed(0)])
+    sites = [DropoutSites([1], 2, 100, [3], 5), DropoutSites([4], 3, 50, None, 7)]
+    (h1, o1), (h2, o2) = drop.draw(sites, 500, "cpu")
+    assert h1.shape == (1, 2, 500, 100) and o1.shape == (1, 500, 5)
+    assert h2.shape == (4, 3, 500, 50) and o2 is None
+    every = torch.cat([h1.flatten(), o1[..., :3].flatten(), h2.flatten()])
+    np.testing.assert_allclose(every.unique(), [0.0, 1 / 0.9], rtol=1e-4)
+    kept = (every > 0).double().mean().item()  # 2 * 500 * 103 + 4 * 3 * 500 * 50 draws
+    assert abs(kept - 0.9) < 0.003
+    assert torch.all(o1[..., 3:] > 0)  # padding columns are always kept
+
+
+def test_dropout_masks_of_a_model_do_not_depend_on_the_population():
+    from moeae.layers import DropoutSites
+
+    def draw(counts, seeds):
+        drop = DropoutMasks(0.3, [torch.Generator().manual_seed(s) for s in seeds])
+        sites = [DropoutSites([1] * len(counts), 2, 8, counts, max(counts)),
+                 DropoutSites(counts, 2, 8, [1] * len(counts), 1)]
+        return drop.draw(sites, 6, "cpu")
+
+    (rh, ro), (eh, eo) = draw([2, 5, 1], [3, 4, 5])
+    (rh1, ro1), (eh1, eo1) = draw([5], [4])
+    assert torch.equal(rh[1], rh1[0]) and torch.equal(ro[1], ro1[0])
+    assert torch.equal(eh[2:7], eh1) and torch.equal(eo[2:7], eo1)
 
 
 def _train(counts, seeds, datas, epochs=2):

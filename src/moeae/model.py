@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import DropoutMasks, StackedMLP
+from .layers import DropoutMasks, DropoutSites, StackedMLP
 
 __all__ = ["MoEAE", "MoEOutput"]
 
@@ -51,10 +51,10 @@ class MoEAE(nn.Module):
         self.counts = counts
         M, G, E = len(counts), sum(counts), max(counts)
         d, k, H, L = cfg.n_features, cfg.latent_dim, cfg.width, cfg.depth
-        act, od = cfg.activation, cfg.output_dropout
-        self.router = StackedMLP(M, d, H, L, E, "linear", od, hidden_activation=act)
-        self.encoder = StackedMLP(G, d, H, L, k, "tanh", od, hidden_activation=act)
-        self.decoder = StackedMLP(G, k, H, L, d, "linear", od, hidden_activation=act)
+        act = cfg.activation
+        self.router = StackedMLP(M, d, H, L, E, "linear", hidden_activation=act)
+        self.encoder = StackedMLP(G, d, H, L, k, "tanh", hidden_activation=act)
+        self.decoder = StackedMLP(G, k, H, L, d, "linear", hidden_activation=act)
         model_of = torch.repeat_interleave(torch.arange(M), torch.tensor(counts))
         slot_of = torch.cat([torch.arange(c) for c in counts])
         self.register_buffer("expert_model", model_of, persistent=False)  # (G,)
@@ -84,38 +84,36 @@ class MoEAE(nn.Module):
                 self.decoder.reset_group_(g, gen)
             g0 += count
 
-    def route(self, u: torch.Tensor, dropout: DropoutMasks | None = None) -> torch.Tensor:
-        """Router logits for normalised inputs u: (M, B, d) -> (M, B, E), masked with -inf."""
-        drop = None
-        if dropout is not None:
-            L, ones = self.cfg.depth, [1] * self.n_models
-
-            def drop(h):  # the router's last output has E_m real columns in model m
-                last = drop.calls == L
-                drop.calls += 1
-                return dropout(h, ones, self.counts if last else None)
-            drop.calls = 0
-        logits = self.router(u, drop)  # (M, B, E)
-        return logits.masked_fill(~self.active[:, None, :], float("-inf"))
-
     def forward(self, x: torch.Tensor, dropout: DropoutMasks | None = None) -> MoEOutput:
         """x: (M, B, d) in data units -> :class:`MoEOutput` (reconstructions in data units).
 
         ``dropout`` (training only) draws each model's masks from that model's own stream.
         """
         u = (x - self.shift) / self.scale  # (M, B, d)
+        masks = [None] * 3
         if dropout is not None:
-            dropout.start(self.dropout_sizes(x.shape[1]), x.device)
-        logits = self.route(u, dropout)
+            masks = dropout.draw(self.dropout_sites(), x.shape[1], x.device, x.dtype)
+        logits = self.router(u, masks[0])  # (M, B, E)
+        logits = logits.masked_fill(~self.active[:, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1)  # (M, B, E)
-        drop = None if dropout is None else (lambda h: dropout(h, self.counts))
         ug = u[self.expert_model]  # (G, B, d): each expert sees its model's batch
-        z = self.encoder(ug, drop)  # (G, B, k)
-        vg = self.decoder(z, drop)  # (G, B, d)
+        z = self.encoder(ug, masks[1])  # (G, B, k)
+        vg = self.decoder(z, masks[2])  # (G, B, d)
         y = vg * self.scale[self.expert_model] + self.shift[self.expert_model]  # (G, B, d)
         p = probs[self.expert_model, :, self.expert_slot]  # (G, B)
         x_hat = torch.zeros_like(x).index_add_(0, self.expert_model, p[..., None] * y)  # (M,B,d)
         return MoEOutput(x_hat, y, z, logits, probs)
+
+    def dropout_sites(self) -> list[DropoutSites]:
+        """Dropout sites of the router, the encoders and the decoders, in that order: after
+        every hidden layer and, with ``cfg.output_dropout`` (the seed's quirk), on the router
+        logits (model m's ``E_m`` real columns), the latents and the reconstructions."""
+        c, M = self.cfg, self.n_models
+        out = c.output_dropout
+        E, k, d = max(self.counts), c.latent_dim, c.n_features
+        return [DropoutSites([1] * M, c.depth, c.width, self.counts if out else None, E),
+                DropoutSites(self.counts, c.depth, c.width, [k] * M if out else None, k),
+                DropoutSites(self.counts, c.depth, c.width, [d] * M if out else None, d)]
 
     @torch.no_grad()
     def select(self, m: int) -> MoEAE:
@@ -135,16 +133,6 @@ class MoEAE(nn.Module):
         one.scale.copy_(self.scale[m:m + 1])
         one.active.copy_(self.active[m:m + 1, :E])
         return one.train(self.training)
-
-    def dropout_sizes(self, batch: int) -> list[int]:
-        """Random values one training step needs per model: every dropout site's units."""
-        c = self.cfg
-        sites = c.depth * c.width  # router hidden layers
-        expert = 2 * c.depth * c.width  # encoder and decoder hidden layers
-        if c.output_dropout:
-            expert += c.latent_dim + c.n_features
-        return [batch * (sites + (e if c.output_dropout else 0) + e * expert)
-                for e in self.counts]
 
     def padded(self, grouped: torch.Tensor) -> torch.Tensor:
         """(G, B, ...) -> (M, E, B, ...), zeros where a model has fewer experts."""
