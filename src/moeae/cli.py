@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--threads", type=_threads, default="auto",
                         help="CPU threads for torch, or 'auto': 2 when two cores are idle by the "
                              "load average, else 1 (default: auto; two threads slow down badly "
-                             "when another process takes a core: pass 1 on a busy machine)")
+                             "when another process takes a core: pass 1 on a busy machine); "
+                             "reproduce splits its models across this many processes of one "
+                             "thread each instead")
     p = argparse.ArgumentParser(prog="moeae", description="Mixture-of-Experts autoencoders: "
                                 "learn an atlas of charts of data on a manifold.")
     from . import __version__
@@ -175,28 +177,28 @@ def _print_metrics(m: dict, as_json: bool) -> None:
         print(f"{k:<{width}}  {v:.6g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
 
 
-def figure_pool():
-    """Two forked workers that import matplotlib while this process imports torch and trains,
+def figure_workers() -> list:
+    """Two forked processes that import matplotlib while this one imports torch and trains,
     then draw the figures side by side (matplotlib is single-threaded; this machine has two
-    cores). None where fork is unavailable: the study then draws them itself."""
-    import multiprocessing
+    cores). Empty where fork is unavailable: the study then draws them itself."""
+    from .workers import Worker, can_fork
 
-    if os.name != "posix" or (os.cpu_count() or 1) < 2:
-        return None
-    return multiprocessing.get_context("fork").Pool(2, initializer=_import_plot)
+    if not can_fork() or (os.cpu_count() or 1) < 2:
+        return []
+    return [Worker(initializer=_import_plot) for _ in range(2)]
 
 
 def _import_plot() -> None:
     from . import _draw, plot  # noqa: F401
 
 
-def cmd_reproduce(args, pool=None) -> int:
+def cmd_reproduce(args, workers: list | None = None) -> int:
     from .study import StudySpec, run_study
 
     spec = StudySpec(out=Path(args.out), recipe=args.recipe, epochs=args.epochs, seed=args.seed,
                      seeds=args.seeds, device=args.device, figures=not args.no_figures,
-                     progress=args.progress)
-    table = run_study(spec, pool)
+                     processes=resolve_threads(args.threads), progress=args.progress)
+    table = run_study(spec, workers)
     last = max(r["epoch"] for r in table) if table else 0
     print(f"{'dataset':<8} {'experts':>7} {'mse_soft':>10} {'mse_hard':>10} {'fvu_hard':>10} "
           f"{'used':>4}")
@@ -204,7 +206,8 @@ def cmd_reproduce(args, pool=None) -> int:
         if r["epoch"] == last:
             print(f"{r['dataset']:<8} {r['n_experts']:>7} {r['mse_soft']:>10.4g} "
                   f"{r['mse_hard']:>10.4g} {r['fvu_hard']:>10.3g} {r['experts_used']:>4g}")
-    times = ", ".join(f"{k} {v:.2f}s" for k, v in spec.timings.items())
+    times = ", ".join(f"{k} {v:.2f}s" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in spec.timings.items())
     print(f"wrote {spec.out}/metrics.csv, metrics.json" +
           (", figures/" if spec.figures else "") + f" ({times})")
     return 0
@@ -296,12 +299,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("train --resume takes the run folder; do not also give --out/--data")
         if not args.resume and not (args.data and args.out):
             parser.error("train needs --data and --out (or --resume RUN_DIR)")
-    pool = None
+    workers = []
     if args.command == "reproduce" and not args.no_figures:
-        pool = figure_pool()  # before torch: the workers import matplotlib meanwhile
+        workers = figure_workers()  # before torch: the workers import matplotlib meanwhile
     import torch
 
-    torch.set_num_threads(resolve_threads(args.threads))
+    args.threads = resolve_threads(args.threads)
+    torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormal Adam moments slow CPU steps several-fold
     from .checkpoint import CheckpointError
     from .data import DataError
@@ -309,9 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     from .training import DivergenceError
 
     try:
-        if pool is not None:
-            with pool:
-                return cmd_reproduce(args, pool)
+        if args.command == "reproduce":
+            return cmd_reproduce(args, workers)
         return COMMANDS[args.command](args)
     except (DataError, RunError, CheckpointError, DivergenceError, ValueError, TypeError,
             OSError) as exc:
@@ -323,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        for w in workers:
+            w.close()
 
 
 if __name__ == "__main__":

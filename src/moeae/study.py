@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ from .config import to_dict
 from .datasets import get_dataset
 from .metrics import aggregate, snapshot_metrics
 from .model import MoEAE
-from .training import Trainer, evaluate, resolve_device
+from .training import DivergenceError, Trainer, evaluate, resolve_device
+from .workers import fork_map
 
 __all__ = ["StudySpec", "run_study", "SEED_DATASETS", "SEED_EXPERTS"]
 
@@ -43,6 +45,8 @@ class StudySpec:
     experts: tuple[int, ...] = SEED_EXPERTS
     n_train: int = 1000  # random training points per curve
     n_test: int = 1000  # evenly spaced test points per curve
+    shards: int = 2  # populations the models are split into (fixed: the numbers depend on it)
+    processes: int = 1  # CPU processes that train the shards side by side
     figures: bool = True
     snapshots: bool = True  # write per-epoch snapshots of the first seed
     progress: bool = False
@@ -68,18 +72,115 @@ def _csv_bytes(rows: list[dict]) -> bytes:
     return buf.getvalue().encode()
 
 
-def run_study(spec: StudySpec, pool=None) -> list[dict]:
+def _balance(costs: list[float], n: int) -> list[list[int]]:
+    """Split items into at most ``n`` groups of similar total cost: largest first onto the
+    least loaded group (ties: the earlier group). Each group lists item indices in order."""
+    n = max(1, min(n, len(costs)))
+    load, groups = [0.0] * n, [[] for _ in range(n)]
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        j = load.index(min(load))
+        load[j] += costs[i]
+        groups[j].append(i)
+    return [sorted(g) for g in groups if g]
+
+
+def _model_cost(n_experts: int) -> int:
+    return 1 + 2 * n_experts  # a router, and an encoder and a decoder per expert
+
+
+@dataclass
+class _Shard:
+    """What one process trains: models ``members`` (global index, dataset, experts, seed)."""
+
+    spec: StudySpec
+    model_cfg: object
+    train_cfg: object
+    data: dict
+    members: list[tuple[int, str, int, int]]
+    device: torch.device
+    threads: int
+    progress: bool
+
+
+def _train_shard(job: _Shard) -> tuple[list[dict], dict, dict]:
+    """Train and evaluate one shard's models as one population: (rows, snapshots, timings).
+
+    Rows carry ``_model``, the global model index, for merging shards in a fixed order."""
+    torch.set_num_threads(job.threads)
+    torch.set_flush_denormal(True)
+    spec, data, members = job.spec, job.data, job.members
+    t0 = time.perf_counter()
+    X_train = torch.tensor(np.stack([data[n][0] for _, n, _, _ in members]), dtype=torch.float32)
+    X_test = torch.tensor(np.stack([data[n][1] for _, n, _, _ in members]), dtype=torch.float32)
+    model = MoEAE(job.model_cfg, [E for _, _, E, _ in members])
+    trainer = Trainer(model, job.train_cfg, [s for _, _, _, s in members], job.device)
+    trainer.initialize(X_train)
+    timings = {"setup": time.perf_counter() - t0}
+
+    rows: list[dict] = []
+    keep: dict[tuple[str, int, int], dict] = {}  # (dataset, E, epoch) -> snapshot, first seed
+    last_epoch = job.train_cfg.epochs
+    grid_epochs = _spread(last_epoch, 5)  # rows of the epochs figure
+    eval_epochs = set(_spread(last_epoch, 10)) | set(grid_epochs)  # rows of the table
+    eval_time = [0.0]
+
+    def on_epoch_end(tr: Trainer) -> None:
+        epoch = tr.state.epoch
+        if epoch not in eval_epochs:
+            return
+        te = time.perf_counter()
+        ev = evaluate(tr.model, X_test)
+        for i, (gi, name, E, seed) in enumerate(members):
+            snap = {k: v[i] for k, v in ev.items()}
+            if E < snap["probs"].shape[1]:  # drop the padding of narrower models
+                snap["probs"] = snap["probs"][:, :E]
+                snap["expert_outputs"] = snap["expert_outputs"][:E]
+                snap["latents"] = snap["latents"][:E]
+            _, _, t_te, closed = data[name]
+            m = snapshot_metrics(snap, t_te, closed, neighborhood=epoch == last_epoch,
+                                 max_points=500)  # O(n^2): every other grid point
+            rows.append({"_model": gi, "dataset": name, "n_experts": E, "epoch": epoch,
+                         "seed": seed, "train_loss": float(tr.state.history[-1][i]), **m})
+            if seed == spec.seed and (epoch == last_epoch or
+                                      (name == "circle" and epoch in grid_epochs)):
+                snap["t"] = t_te
+                keep[(name, E, epoch)] = snap
+        eval_time[0] += time.perf_counter() - te
+
+    t1 = time.perf_counter()
+    try:
+        trainer.fit(X_train, last_epoch, on_epoch_end=on_epoch_end, progress=job.progress)
+    except DivergenceError as exc:  # name the models by their place in the whole study
+        raise DivergenceError(exc.epoch, exc.step, [members[i][0] for i in exc.models]) from None
+    timings["train"] = time.perf_counter() - t1 - eval_time[0]
+    timings["evaluate"] = eval_time[0]
+    return rows, keep, timings
+
+
+def _train_shards(jobs: list[_Shard]) -> list[tuple[list[dict], dict, dict]]:
+    return [_train_shard(job) for job in jobs]
+
+
+def run_study(spec: StudySpec, figure_workers: list | None = None) -> list[dict]:
     """Train, evaluate, write ``metrics.csv``/``metrics.json`` and figures; return the table.
 
-    ``pool``: an optional ``multiprocessing`` pool that draws the figures (its workers should
-    have imported :mod:`moeae.plot` already); without one, they are drawn here and in one
-    forked process."""
+    The models are split into ``spec.shards`` populations of similar work (by expert count),
+    and on the CPU up to ``spec.processes`` forked processes train them side by side (one
+    torch thread each when there are as many processes as shards). The split is fixed by the
+    study, not by the process count, so the numbers are the same whatever ``processes`` is:
+    a model's last float bits depend on which models share its population (the widest router
+    is padded, a batch of one takes another matmul path), though never by more than rounding.
+    ``figure_workers``: optional :class:`~moeae.workers.Worker` processes that draw the
+    figures (best started before torch is imported, with :mod:`moeae.plot` imported in them).
+    """
     t0 = time.perf_counter()
     out = Path(spec.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output path {out} exists and is not a folder")
     if spec.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {spec.seeds}")
+    if spec.processes < 1:
+        raise ValueError(f"processes must be >= 1, got {spec.processes}")
     model_cfg, train_cfg = get_recipe(spec.recipe, epochs=spec.epochs, device=spec.device)
     if train_cfg.epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {train_cfg.epochs}")
@@ -94,49 +195,30 @@ def run_study(spec: StudySpec, pool=None) -> list[dict]:
         data[name] = (X_tr, X_te, t_te, info.closed)
     members = [(name, E, spec.seed + s) for name in spec.datasets for E in spec.experts
                for s in range(spec.seeds)]
-    X_train = torch.tensor(np.stack([data[n][0] for n, _, _ in members]), dtype=torch.float32)
-    X_test = torch.tensor(np.stack([data[n][1] for n, _, _ in members]), dtype=torch.float32)
-    model = MoEAE(model_cfg, [E for _, E, _ in members])
-    trainer = Trainer(model, train_cfg, [s for _, _, s in members], device)
-    trainer.initialize(X_train)
+    costs = [_model_cost(E) for _, E, _ in members]
+    shards = _balance(costs, spec.shards)
+    n = min(spec.processes, len(shards)) if device.type == "cpu" else 1
+    per_process = _balance([sum(costs[i] for i in sh) for sh in shards], n)  # shards to run
+    threads = max(1, spec.processes // len(per_process)) if device.type == "cpu" else 1
+    if len(per_process) > 1:
+        torch.set_num_threads(1)  # before forking: children must not inherit a thread pool
+    jobs = [[_Shard(spec, model_cfg, train_cfg, data, [(i, *members[i]) for i in shards[k]],
+                    device, threads, spec.progress and p == 0 and k == ks[0]) for k in ks]
+            for p, ks in enumerate(per_process)]
     spec.timings["setup"] = time.perf_counter() - t0
 
-    rows: list[dict] = []
-    keep: dict[tuple[str, int, int], dict] = {}  # (dataset, E, epoch) -> snapshot, first seed
-    last_epoch = train_cfg.epochs
-    grid_epochs = _spread(last_epoch, 5)  # rows of the epochs figure
-    eval_epochs = set(_spread(last_epoch, 10)) | set(grid_epochs)  # rows of the table
-    eval_time = [0.0]
-
-    def on_epoch_end(tr: Trainer) -> None:
-        epoch = tr.state.epoch
-        if epoch not in eval_epochs:
-            return
-        te = time.perf_counter()
-        ev = evaluate(tr.model, X_test)
-        for i, (name, E, seed) in enumerate(members):
-            snap = {k: v[i] for k, v in ev.items()}
-            if E < snap["probs"].shape[1]:  # drop the padding of narrower models
-                snap["probs"] = snap["probs"][:, :E]
-                snap["expert_outputs"] = snap["expert_outputs"][:E]
-                snap["latents"] = snap["latents"][:E]
-            _, _, t_te, closed = data[name]
-            m = snapshot_metrics(snap, t_te, closed, neighborhood=epoch == last_epoch,
-                                 max_points=500)  # O(n^2): every other grid point
-            rows.append({"dataset": name, "n_experts": E, "epoch": epoch, "seed": seed,
-                         "train_loss": float(tr.state.history[-1][i]), **m})
-            if seed == spec.seed and (epoch == last_epoch or
-                                      (name == "circle" and epoch in grid_epochs)):
-                snap["t"] = t_te
-                keep[(name, E, epoch)] = snap
-        eval_time[0] += time.perf_counter() - te
-
     t1 = time.perf_counter()
-    trainer.fit(X_train, train_cfg.epochs, on_epoch_end=on_epoch_end, progress=spec.progress)
-    spec.timings["train"] = time.perf_counter() - t1 - eval_time[0]
-    spec.timings["evaluate"] = eval_time[0]
+    results = [r for rs in fork_map(_train_shards, jobs) for r in rs]
+    rows = sorted((r for res in results for r in res[0]), key=lambda r: (r["epoch"], r["_model"]))
+    for r in rows:
+        del r["_model"]
+    keep = {k: v for res in results for k, v in res[1].items()}
+    spec.timings["train"] = time.perf_counter() - t1  # wall: training and evaluation
+    spec.timings["evaluate"] = sum(r[2]["evaluate"] for r in results) / len(per_process)
+    spec.timings["processes"] = len(per_process)
 
     t2 = time.perf_counter()
+    last_epoch = train_cfg.epochs
     out.mkdir(parents=True, exist_ok=True)
     table = aggregate(rows, TABLE_KEYS) if spec.seeds > 1 else [
         {k: v for k, v in r.items() if k != "seed"} for r in rows]
@@ -151,18 +233,19 @@ def run_study(spec: StudySpec, pool=None) -> list[dict]:
     spec.timings["write"] = time.perf_counter() - t2
     if spec.figures and last_epoch > 0:
         t3 = time.perf_counter()
-        write_figures(out, keep, spec, last_epoch, pool)
+        write_figures(out, keep, spec, last_epoch, figure_workers)
         spec.timings["figures"] = time.perf_counter() - t3
     spec.timings["total"] = time.perf_counter() - t0
     return table
 
 
-def write_figures(out: Path, keep: dict, spec: StudySpec, last: int, pool=None) -> None:
+def write_figures(out: Path, keep: dict, spec: StudySpec, last: int,
+                  workers: list | None = None) -> None:
     """Draw the seed's figures (and, for other recipes, the hard-chart figures).
 
-    With a ``pool``, its workers draw them, slowest first. Otherwise the slowest (the 20-panel
-    epochs grid) is drawn in a forked process while this one draws the rest: matplotlib is
-    single-threaded and this machine has two cores. A figure a worker failed to draw is drawn
+    matplotlib is single-threaded, so the figures are split into groups of similar size (by
+    panel count) drawn side by side: by the ``workers`` if given, else here and in forked
+    children, one group per CPU core (at most two). A figure a worker failed to draw is drawn
     here: every figure must exist.
     """
     from ._draw import draw
@@ -170,47 +253,48 @@ def write_figures(out: Path, keep: dict, spec: StudySpec, last: int, pool=None) 
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     final = {(n, E): keep[(n, E, last)] for n in spec.datasets for E in spec.experts}
-    jobs = []  # (plot function, args, kwargs), slowest first
+    jobs = []  # (panels, (plot function, args, kwargs))
     if "circle" in spec.datasets:
         circles = {(e, E): keep[("circle", E, e)] for e in _spread(last, 5)
                    for E in spec.experts}
-        jobs.append(("plot_grid_epochs", (circles, fig_dir / "gridplot-circles.png"),
-                     {"name": "circle"}))
-    jobs.append(("plot_grid_functions", (final, fig_dir / "gridplot-functions.png"), {}))
+        jobs.append((len(circles), ("plot_grid_epochs",
+                                    (circles, fig_dir / "gridplot-circles.png"),
+                                    {"name": "circle"})))
+    jobs.append((len(final), ("plot_grid_functions",
+                              (final, fig_dir / "gridplot-functions.png"), {})))
     if 1 in spec.experts:
-        jobs.append(("plot_vanilla", ({n: final[(n, 1)] for n in spec.datasets},
-                                      fig_dir / "vanilla_approach.png"), {"epoch": last}))
+        jobs.append((len(spec.datasets), ("plot_vanilla",
+                                          ({n: final[(n, 1)] for n in spec.datasets},
+                                           fig_dir / "vanilla_approach.png"), {"epoch": last})))
     if spec.recipe != "seed":
-        jobs.append(("plot_grid_functions", (final, fig_dir / "gridplot-functions-hard.png"),
-                     {"reconstruction": "x_hard"}))
-        jobs.append(("plot_charts", ({k: v for k, v in final.items() if k[1] > 1},
-                                     fig_dir / "charts.png"), {}))
-    if pool is not None:
-        pending = [(job, pool.apply_async(draw, job)) for job in jobs]
-        for job, res in pending:
+        jobs.append((len(final), ("plot_grid_functions",
+                                  (final, fig_dir / "gridplot-functions-hard.png"),
+                                  {"reconstruction": "x_hard"})))
+        charts = {k: v for k, v in final.items() if k[1] > 1}
+        jobs.append((2 * len(charts), ("plot_charts", (charts, fig_dir / "charts.png"), {})))
+    n = len(workers) if workers else min(2, os.cpu_count() or 1)
+    load, groups = [0] * n, [[] for _ in range(n)]
+    for panels, job in sorted(jobs, key=lambda j: -j[0]):  # largest first, least loaded group
+        k = load.index(min(load))
+        load[k] += panels
+        groups[k].append(job)
+    groups = [g for g in groups if g]
+    if not workers:
+        fork_map(_draw_all, groups)
+        return
+    for w, group in zip(workers, groups):
+        for job in group:
+            w.submit(draw, *job)
+    for w, group in zip(workers, groups):
+        for job in group:
             try:
-                res.get()
+                w.result()
             except Exception:  # noqa: BLE001 - a worker failed: draw it here instead
                 draw(*job)
-        return
-    child = _start_forked(jobs[0]) if len(jobs) > 1 else None
-    for job in jobs[1 if child else 0:]:
-        draw(*job)
-    if child is not None:
-        child.join()
-        if child.exitcode != 0:  # draw it here instead: the figure must exist
-            draw(*jobs[0])
 
 
-def _start_forked(job):
-    """Run ``fn(*args, **kwargs)`` in a forked child; None where fork is unavailable."""
-    import multiprocessing
-    import os
-
-    if os.name != "posix" or (os.cpu_count() or 1) < 2:
-        return None
+def _draw_all(jobs: list) -> None:
     from ._draw import draw
 
-    proc = multiprocessing.get_context("fork").Process(target=draw, args=job)
-    proc.start()
-    return proc
+    for job in jobs:
+        draw(*job)

@@ -50,6 +50,9 @@ class DivergenceError(RuntimeError):
         super().__init__(f"training diverged: non-finite loss at epoch {epoch}, step {step} "
                          f"(model(s) {models}); lower the learning rate or set grad_clip")
 
+    def __reduce__(self):  # pickled by its fields: it crosses from worker processes
+        return type(self), (self.epoch, self.step, self.models)
+
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
