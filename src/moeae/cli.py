@@ -177,28 +177,26 @@ def _print_metrics(m: dict, as_json: bool) -> None:
         print(f"{k:<{width}}  {v:.6g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
 
 
-def figure_workers() -> list:
-    """Two forked processes that import matplotlib while this one imports torch and trains,
-    then draw the figures side by side (matplotlib is single-threaded; this machine has two
-    cores). Empty where fork is unavailable: the study then draws them itself."""
+def figure_worker():
+    """A forked process that imports matplotlib while this one imports torch and trains, then
+    draws the figures (forking once more to draw two groups side by side: matplotlib is
+    single-threaded). None where fork is unavailable: the study then draws them itself."""
     from .workers import Worker, can_fork
 
-    if not can_fork() or (os.cpu_count() or 1) < 2:
-        return []
-    return [Worker(initializer=_import_plot) for _ in range(2)]
+    return Worker(initializer=_import_plot) if can_fork() else None
 
 
 def _import_plot() -> None:
     from . import _draw, plot  # noqa: F401
 
 
-def cmd_reproduce(args, workers: list | None = None) -> int:
+def cmd_reproduce(args, figures=None) -> int:
     from .study import StudySpec, run_study
 
     spec = StudySpec(out=Path(args.out), recipe=args.recipe, epochs=args.epochs, seed=args.seed,
                      seeds=args.seeds, device=args.device, figures=not args.no_figures,
-                     processes=resolve_threads(args.threads), progress=args.progress)
-    table = run_study(spec, workers)
+                     processes=args.threads, progress=args.progress)
+    table = run_study(spec, figures)
     last = max(r["epoch"] for r in table) if table else 0
     print(f"{'dataset':<8} {'experts':>7} {'mse_soft':>10} {'mse_hard':>10} {'fvu_hard':>10} "
           f"{'used':>4}")
@@ -299,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("train --resume takes the run folder; do not also give --out/--data")
         if not args.resume and not (args.data and args.out):
             parser.error("train needs --data and --out (or --resume RUN_DIR)")
-    workers = []
+    figures = None
     if args.command == "reproduce" and not args.no_figures:
-        workers = figure_workers()  # before torch: the workers import matplotlib meanwhile
+        figures = figure_worker()  # before torch: it imports matplotlib meanwhile
     import torch
 
     args.threads = resolve_threads(args.threads)
@@ -314,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "reproduce":
-            return cmd_reproduce(args, workers)
+            return cmd_reproduce(args, figures)
         return COMMANDS[args.command](args)
     except (DataError, RunError, CheckpointError, DivergenceError, ValueError, TypeError,
             OSError) as exc:
@@ -327,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     finally:
-        for w in workers:
-            w.close()
+        if figures is not None:
+            figures.close()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._draw import draw_groups
 from .checkpoint import atomic_write_bytes, save_npz, write_json
 from .config import recipe as get_recipe
 from .config import to_dict
@@ -161,7 +162,7 @@ def _train_shards(jobs: list[_Shard]) -> list[tuple[list[dict], dict, dict]]:
     return [_train_shard(job) for job in jobs]
 
 
-def run_study(spec: StudySpec, figure_workers: list | None = None) -> list[dict]:
+def run_study(spec: StudySpec, figure_worker=None) -> list[dict]:
     """Train, evaluate, write ``metrics.csv``/``metrics.json`` and figures; return the table.
 
     The models are split into ``spec.shards`` populations of similar work (by expert count),
@@ -170,8 +171,9 @@ def run_study(spec: StudySpec, figure_workers: list | None = None) -> list[dict]
     study, not by the process count, so the numbers are the same whatever ``processes`` is:
     a model's last float bits depend on which models share its population (the widest router
     is padded, a batch of one takes another matmul path), though never by more than rounding.
-    ``figure_workers``: optional :class:`~moeae.workers.Worker` processes that draw the
-    figures (best started before torch is imported, with :mod:`moeae.plot` imported in them).
+    ``figure_worker``: an optional :class:`~moeae.workers.Worker` that draws the figures
+    (best started before torch is imported, with :mod:`moeae.plot` imported in it: it forks
+    once more to draw two groups of figures side by side, without importing matplotlib twice).
     """
     t0 = time.perf_counter()
     out = Path(spec.out)
@@ -220,6 +222,9 @@ def run_study(spec: StudySpec, figure_workers: list | None = None) -> list[dict]
     t2 = time.perf_counter()
     last_epoch = train_cfg.epochs
     out.mkdir(parents=True, exist_ok=True)
+    groups = figure_groups(out, keep, spec, last_epoch) if spec.figures and last_epoch else []
+    if groups and figure_worker is not None:
+        figure_worker.submit(draw_groups, groups)  # drawn there while the files are written
     table = aggregate(rows, TABLE_KEYS) if spec.seeds > 1 else [
         {k: v for k, v in r.items() if k != "seed"} for r in rows]
     atomic_write_bytes(out / "metrics.csv", _csv_bytes(table))
@@ -231,27 +236,27 @@ def run_study(spec: StudySpec, figure_workers: list | None = None) -> list[dict]
         for (name, E, epoch), snap in keep.items():
             save_npz(out / "snapshots" / f"{name}_{E}experts_epoch{epoch:03d}.npz", snap)
     spec.timings["write"] = time.perf_counter() - t2
-    if spec.figures and last_epoch > 0:
+    if groups:
         t3 = time.perf_counter()
-        write_figures(out, keep, spec, last_epoch, figure_workers)
-        spec.timings["figures"] = time.perf_counter() - t3
+        try:
+            if figure_worker is None:
+                draw_groups(groups)
+            else:
+                figure_worker.result()
+        except Exception:  # noqa: BLE001 - the worker failed: draw them here, they must exist
+            if figure_worker is None:
+                raise
+            draw_groups(groups)
+        spec.timings["figures"] = time.perf_counter() - t3  # after the files were written
     spec.timings["total"] = time.perf_counter() - t0
     return table
 
 
-def write_figures(out: Path, keep: dict, spec: StudySpec, last: int,
-                  workers: list | None = None) -> None:
-    """Draw the seed's figures (and, for other recipes, the hard-chart figures).
-
-    matplotlib is single-threaded, so the figures are split into groups of similar size (by
-    panel count) drawn side by side: by the ``workers`` if given, else here and in forked
-    children, one group per CPU core (at most two). A figure a worker failed to draw is drawn
-    here: every figure must exist.
-    """
-    from ._draw import draw
-
+def figure_groups(out: Path, keep: dict, spec: StudySpec, last: int) -> list[list]:
+    """The study's figures as ``draw`` jobs, split into groups of similar size (by panel
+    count), one group per CPU core (at most two): matplotlib is single-threaded, so the groups
+    are drawn side by side (:func:`moeae._draw.draw_groups`)."""
     fig_dir = out / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
     final = {(n, E): keep[(n, E, last)] for n in spec.datasets for E in spec.experts}
     jobs = []  # (panels, (plot function, args, kwargs))
     if "circle" in spec.datasets:
@@ -272,29 +277,5 @@ def write_figures(out: Path, keep: dict, spec: StudySpec, last: int,
                                   {"reconstruction": "x_hard"})))
         charts = {k: v for k, v in final.items() if k[1] > 1}
         jobs.append((2 * len(charts), ("plot_charts", (charts, fig_dir / "charts.png"), {})))
-    n = len(workers) if workers else min(2, os.cpu_count() or 1)
-    load, groups = [0] * n, [[] for _ in range(n)]
-    for panels, job in sorted(jobs, key=lambda j: -j[0]):  # largest first, least loaded group
-        k = load.index(min(load))
-        load[k] += panels
-        groups[k].append(job)
-    groups = [g for g in groups if g]
-    if not workers:
-        fork_map(_draw_all, groups)
-        return
-    for w, group in zip(workers, groups):
-        for job in group:
-            w.submit(draw, *job)
-    for w, group in zip(workers, groups):
-        for job in group:
-            try:
-                w.result()
-            except Exception:  # noqa: BLE001 - a worker failed: draw it here instead
-                draw(*job)
-
-
-def _draw_all(jobs: list) -> None:
-    from ._draw import draw
-
-    for job in jobs:
-        draw(*job)
+    groups = _balance([panels for panels, _ in jobs], min(2, os.cpu_count() or 1))
+    return [[jobs[i][1] for i in g] for g in groups]

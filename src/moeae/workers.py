@@ -71,7 +71,9 @@ class Worker:
     def __init__(self, initializer: Callable[[], Any] | None = None):
         ctx = multiprocessing.get_context("fork")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, initializer), daemon=True)
+        # not a daemon: a worker may fork workers of its own (fork_map in a figure worker);
+        # whoever starts one closes or kills it
+        self._proc = ctx.Process(target=_serve, args=(child, initializer))
         self._proc.start()
         child.close()
 
