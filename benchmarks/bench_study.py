@@ -5,11 +5,14 @@ Times, in one process and alternating between variants so machine noise hits all
   (a) plain PyTorch: nn.Module experts in a Python loop, one model at a time;
   (b) moeae's stacked experts, one model at a time;
   (c) moeae's population: all 12 models in one stacked program;
+  (c2) the population as ``moeae reproduce`` trains it: two shards side by side in two
+       processes of one thread each (only when --threads is 2 or more);
 
 then (d) ``moeae reproduce`` as a whole command (import, training, metrics, figures) and its
-peak memory, (e) ``--seeds 5`` against one seed, (f) steps/s of one model by expert count.
-Prints seconds, steps/s, achieved GFLOP/s against this machine's measured fp32 matmul peak,
-and ratios against (a).
+peak memory (the sum of the proportional set size of the command and all its processes,
+sampled every 50 ms), (e) ``--seeds 5`` against one seed, (f) steps/s of one model by expert
+count. Prints seconds, steps/s, achieved GFLOP/s against this machine's measured fp32 matmul
+peak, and ratios against (a).
 
     python benchmarks/bench_study.py [--repeats 3] [--threads 1]
 """
@@ -89,6 +92,28 @@ def train_moeae(Xs: list[np.ndarray], counts: list[int], seeds: list[int]) -> in
     return tr.state.step
 
 
+def train_sharded(Xs: list[np.ndarray], counts: list[int], seeds: list[int], shards: int
+                  ) -> int:
+    """As ``moeae reproduce`` trains: the models split into balanced shards, one forked
+    process of one thread per shard."""
+    from moeae.study import _balance, _model_cost
+    from moeae.workers import fork_map
+
+    groups = _balance([_model_cost(E) for E in counts], shards)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return sum(fork_map(_train_group, [([Xs[i] for i in g], [counts[i] for i in g],
+                                            [seeds[i] for i in g]) for g in groups]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_group(job) -> int:
+    torch.set_num_threads(1)
+    return train_moeae(*job)
+
+
 def step_flops(E: int, d=2, k=1, width=100, depth=4, batch=BATCH) -> float:
     """Matmul FLOPs of one training step (forward x 3 for backward) of one model."""
     def mlp_macs(a, b):
@@ -112,19 +137,45 @@ def timed(fn):
     return time.perf_counter() - t, steps
 
 
+def _tree_pss_kib(root: int) -> int:
+    """Proportional set size (KiB) of process ``root`` and all its descendants (Linux):
+    pages shared by forked processes are counted once in total, not once per process."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        except OSError:
+            pass
+    return total
+
+
 def run_cli(args: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of a whole ``moeae`` command in a fresh process
-    (the child reports its own peak, its forked figure process included)."""
-    code = ("import resource, sys\nfrom moeae.cli import main\nrc = main(sys.argv[1:])\n"
-            "r = resource.getrusage\nprint('MAXRSS', max(r(resource.RUSAGE_SELF).ru_maxrss, "
-            "r(resource.RUSAGE_CHILDREN).ru_maxrss), file=sys.stderr)\nsys.exit(rc)")
+    """Wall seconds and peak memory (MiB: the largest sum of PSS over the command's process
+    tree, sampled every 50 ms) of a whole ``moeae`` command in a fresh process."""
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, *args], check=True,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "moeae.cli", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        if os.path.exists("/proc/self/smaps_rollup"):
+            peak = max(peak, _tree_pss_kib(proc.pid))
+        time.sleep(0.05)
     sec = time.perf_counter() - t
-    rss = [int(line.split()[1]) for line in proc.stderr.splitlines()
-           if line.startswith("MAXRSS")]
-    return sec, rss[-1] / 1024
+    if proc.returncode != 0:
+        raise RuntimeError(f"moeae {' '.join(args)} failed: {proc.stderr.read()}")
+    return sec, peak / 1024
 
 
 def main() -> None:
@@ -151,6 +202,10 @@ def main() -> None:
         "c population, 12 models at once": lambda: train_moeae(
             [data[n] for n, _ in configs], [E for _, E in configs], [0] * len(configs)),
     }
+    if args.threads > 1:
+        variants[f"c2 population, {args.threads} processes"] = lambda: train_sharded(
+            [data[n] for n, _ in configs], [E for _, E in configs], [0] * len(configs),
+            args.threads)
     times: dict[str, list[float]] = {k: [] for k in variants}
     steps: dict[str, int] = {}
     for _ in range(args.repeats):
@@ -179,8 +234,8 @@ def main() -> None:
                           "--threads", str(args.threads)]) for _ in range(args.repeats)]
     w = min(s for s, _ in whole)
     mem = max(m for _, m in whole)
-    print(f"\nmoeae reproduce (whole command, figures and metrics): {w:.2f} s, peak RSS "
-          f"{mem:.0f} MiB; {base / w:.2f}x plain-PyTorch training alone; "
+    print(f"\nmoeae reproduce (whole command, figures and metrics): {w:.2f} s, peak memory "
+          f"{mem:.0f} MiB (PSS, all its processes); {base / w:.2f}x plain-PyTorch training alone; "
           f"{93.0 / w:.1f}x the reference's 93 s (measured on the reference code)")
     s5, s1 = min(s for s, _ in seeds5), min(s for s, _ in nofig)
     print(f"reproduce --seeds 5 (no figures): {s5:.2f} s vs 1 seed {s1:.2f} s: ratio "

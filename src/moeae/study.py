@@ -46,7 +46,8 @@ class StudySpec:
     experts: tuple[int, ...] = SEED_EXPERTS
     n_train: int = 1000  # random training points per curve
     n_test: int = 1000  # evenly spaced test points per curve
-    shards: int = 2  # populations the models are split into (fixed: the numbers depend on it)
+    shards: int | None = None  # populations the models are split into; the numbers depend
+    #                            on it, so it is fixed: None is 2 on the CPU, 1 on a GPU
     processes: int = 1  # CPU processes that train the shards side by side
     figures: bool = True
     snapshots: bool = True  # write per-epoch snapshots of the first seed
@@ -165,12 +166,13 @@ def _train_shards(jobs: list[_Shard]) -> list[tuple[list[dict], dict, dict]]:
 def run_study(spec: StudySpec, figure_worker=None) -> list[dict]:
     """Train, evaluate, write ``metrics.csv``/``metrics.json`` and figures; return the table.
 
-    The models are split into ``spec.shards`` populations of similar work (by expert count),
-    and on the CPU up to ``spec.processes`` forked processes train them side by side (one
-    torch thread each when there are as many processes as shards). The split is fixed by the
-    study, not by the process count, so the numbers are the same whatever ``processes`` is:
-    a model's last float bits depend on which models share its population (the widest router
-    is padded, a batch of one takes another matmul path), though never by more than rounding.
+    The models are split into ``spec.shards`` populations of similar work (by expert count;
+    2 on the CPU, 1 on a GPU), and on the CPU up to ``spec.processes`` forked processes train
+    them side by side (one torch thread each when there are as many processes as shards).
+    The split is fixed by the study, not by the process count, so the numbers are the same
+    whatever ``processes`` is: a model's last float bits depend on which models share its
+    population (the widest router is padded, a population of one takes another matmul path),
+    and training amplifies such rounding differences into visibly different fits.
     ``figure_worker``: an optional :class:`~moeae.workers.Worker` that draws the figures
     (best started before torch is imported, with :mod:`moeae.plot` imported in it: it forks
     once more to draw two groups of figures side by side, without importing matplotlib twice).
@@ -198,7 +200,7 @@ def run_study(spec: StudySpec, figure_worker=None) -> list[dict]:
     members = [(name, E, spec.seed + s) for name in spec.datasets for E in spec.experts
                for s in range(spec.seeds)]
     costs = [_model_cost(E) for _, E, _ in members]
-    shards = _balance(costs, spec.shards)
+    shards = _balance(costs, spec.shards or (2 if device.type == "cpu" else 1))
     n = min(spec.processes, len(shards)) if device.type == "cpu" else 1
     per_process = _balance([sum(costs[i] for i in sh) for sh in shards], n)  # shards to run
     threads = max(1, spec.processes // len(per_process)) if device.type == "cpu" else 1

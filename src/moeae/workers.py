@@ -15,8 +15,8 @@ this process, unlike :class:`multiprocessing.pool.Pool`, so forking again later 
 from __future__ import annotations
 
 import multiprocessing
-import os
 import pickle
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,7 +28,9 @@ class WorkerError(RuntimeError):
 
 
 def can_fork() -> bool:
-    return os.name == "posix" and "fork" in multiprocessing.get_all_start_methods()
+    """Linux only: on macOS, forking a process that has loaded torch's native libraries can
+    crash the child (the Objective-C runtime is not fork-safe); Windows has no fork."""
+    return sys.platform.startswith("linux")
 
 
 def _picklable(exc: BaseException) -> BaseException:
