@@ -2,7 +2,8 @@
 
 Times, in one process and alternating between variants so machine noise hits all alike:
 
-  (a) plain PyTorch: nn.Module experts in a Python loop, one model at a time;
+  (a) plain PyTorch: nn.Module experts in a Python loop, one model at a time (and (a1) the same
+      on one thread, its fastest setting here, when --threads is 2 or more);
   (b) moeae's stacked experts, one model at a time;
   (c) moeae's population: all 12 models in one stacked program;
   (c2) the population as ``moeae reproduce`` trains it: two shards side by side in two
@@ -114,6 +115,15 @@ def _train_group(job) -> int:
     return train_moeae(*job)
 
 
+def one_thread(fn):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def step_flops(E: int, d=2, k=1, width=100, depth=4, batch=BATCH) -> float:
     """Matmul FLOPs of one training step (forward x 3 for backward) of one model."""
     def mlp_macs(a, b):
@@ -161,17 +171,19 @@ def _tree_pss_kib(root: int) -> int:
     return total
 
 
-def run_cli(args: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak memory (MiB: the largest sum of PSS over the command's process
-    tree, sampled every 50 ms) of a whole ``moeae`` command in a fresh process."""
+def run_cli(args: list[str], memory: bool = False) -> tuple[float, float]:
+    """Wall seconds of a whole ``moeae`` command in a fresh process and, with ``memory``, its
+    peak memory (MiB: the largest sum of PSS over its process tree, sampled every 50 ms; the
+    sampling takes CPU, so such a run's seconds are not comparable)."""
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "moeae.cli", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = 0
-    while proc.poll() is None:
-        if os.path.exists("/proc/self/smaps_rollup"):
+    if memory and os.path.exists("/proc/self/smaps_rollup"):
+        while proc.poll() is None:
             peak = max(peak, _tree_pss_kib(proc.pid))
-        time.sleep(0.05)
+            time.sleep(0.05)
+    proc.wait()
     sec = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"moeae {' '.join(args)} failed: {proc.stderr.read()}")
@@ -203,6 +215,8 @@ def main() -> None:
             [data[n] for n, _ in configs], [E for _, E in configs], [0] * len(configs)),
     }
     if args.threads > 1:
+        variants["a1 plain loop on 1 thread (its best)"] = lambda: one_thread(
+            variants["a plain loop, one model at a time"])
         variants[f"c2 population, {args.threads} processes"] = lambda: train_sharded(
             [data[n] for n, _ in configs], [E for _, E in configs], [0] * len(configs),
             args.threads)
@@ -214,6 +228,7 @@ def main() -> None:
             times[name].append(sec)
             steps[name] = st
     base = min(times["a plain loop, one model at a time"])
+    best_plain = min(min(v) for k, v in times.items() if k.startswith("a"))
     print(f"\n{'training only':36s} {'best s':>7s} {'median s':>8s} {'prog/s':>8s} "
           f"{'GFLOP/s':>8s} {'% peak':>6s} {'speedup':>7s}")
     for name, ts in times.items():
@@ -232,10 +247,13 @@ def main() -> None:
                                    "--no-figures", "--threads", str(args.threads)]))
         nofig = [run_cli(["reproduce", "--out", f"{tmp}/r0", "--no-figures",
                           "--threads", str(args.threads)]) for _ in range(args.repeats)]
+        _, mem = run_cli(["reproduce", "--out", f"{tmp}/rm", "--threads", str(args.threads)],
+                         memory=True)
     w = min(s for s, _ in whole)
-    mem = max(m for _, m in whole)
-    print(f"\nmoeae reproduce (whole command, figures and metrics): {w:.2f} s, peak memory "
-          f"{mem:.0f} MiB (PSS, all its processes); {base / w:.2f}x plain-PyTorch training alone; "
+    print(f"\nmoeae reproduce (whole command, figures and metrics): {w:.2f} s (median "
+          f"{np.median([s for s, _ in whole]):.2f}), peak memory "
+          f"{mem:.0f} MiB (PSS, all its processes); {base / w:.2f}x plain-PyTorch training alone "
+          f"({best_plain / w:.2f}x its best thread count); "
           f"{93.0 / w:.1f}x the reference's 93 s (measured on the reference code)")
     s5, s1 = min(s for s, _ in seeds5), min(s for s, _ in nofig)
     print(f"reproduce --seeds 5 (no figures): {s5:.2f} s vs 1 seed {s1:.2f} s: ratio "
