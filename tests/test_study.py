@@ -2,6 +2,7 @@
 
 import csv
 import json
+import sys
 
 import numpy as np
 from matplotlib.image import imread
@@ -87,6 +88,14 @@ def test_thread_count_does_not_change_the_numbers(tmp_path):
     assert main(args + ["--out", str(tmp_path / "two"), "--threads", "2"]) == 0
     assert (tmp_path / "one" / "metrics.csv").read_bytes() == \
         (tmp_path / "two" / "metrics.csv").read_bytes()
+
+
+def test_reproduce_auto_uses_every_core_as_a_process(tmp_path, capsys):
+    import os
+
+    assert main(["reproduce", "--epochs", "1", "--no-figures", "--out", str(tmp_path)]) == 0
+    expected = 2 if (os.cpu_count() or 1) >= 2 and sys.platform.startswith("linux") else 1
+    assert f"processes {expected}," in capsys.readouterr().out
 
 
 def test_auto_threads():

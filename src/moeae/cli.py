@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "load average, else 1 (default: auto; two threads slow down badly "
                              "when another process takes a core: pass 1 on a busy machine); "
                              "reproduce splits its models across this many processes of one "
-                             "thread each instead")
+                             "thread each instead (auto: every core)")
     p = argparse.ArgumentParser(prog="moeae", description="Mixture-of-Experts autoencoders: "
                                 "learn an atlas of charts of data on a manifold.")
     from . import __version__
@@ -302,7 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         figures = figure_worker()  # before torch: it imports matplotlib meanwhile
     import torch
 
-    args.threads = resolve_threads(args.threads)
+    if args.command == "reproduce" and args.threads == "auto":
+        # processes, not threads: two processes share a busy core gracefully where two
+        # threads collapse, so every core is used whatever the load
+        args.threads = os.cpu_count() or 1
+    else:
+        args.threads = resolve_threads(args.threads)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormal Adam moments slow CPU steps several-fold
     from .checkpoint import CheckpointError

@@ -25,7 +25,7 @@ from .datasets import get_dataset
 from .metrics import aggregate, snapshot_metrics
 from .model import MoEAE
 from .training import DivergenceError, Trainer, evaluate, resolve_device
-from .workers import fork_map
+from .workers import can_fork, fork_map
 
 __all__ = ["StudySpec", "run_study", "SEED_DATASETS", "SEED_EXPERTS"]
 
@@ -201,7 +201,7 @@ def run_study(spec: StudySpec, figure_worker=None) -> list[dict]:
                for s in range(spec.seeds)]
     costs = [_model_cost(E) for _, E, _ in members]
     shards = _balance(costs, spec.shards or (2 if device.type == "cpu" else 1))
-    n = min(spec.processes, len(shards)) if device.type == "cpu" else 1
+    n = min(spec.processes, len(shards)) if device.type == "cpu" and can_fork() else 1
     per_process = _balance([sum(costs[i] for i in sh) for sh in shards], n)  # shards to run
     threads = max(1, spec.processes // len(per_process)) if device.type == "cpu" else 1
     if len(per_process) > 1:
