@@ -60,3 +60,29 @@ def test_balance_splits_the_seed_study_evenly_and_deterministically():
     assert groups == _balance(costs, 2)
     assert _balance(costs, 1) == [list(range(12))]
     assert len(_balance([5.0, 1.0], 8)) == 2  # never more groups than items
+
+
+@needs_fork
+def test_a_shard_diverging_in_a_child_process_is_one_clear_cli_error(tmp_path, monkeypatch,
+                                                                     capsys):
+    from moeae import study
+    from moeae.cli import main
+
+    parent = os.getpid()
+    fit = study.Trainer.fit
+
+    def fit_or_diverge(self, *args, **kwargs):
+        if os.getpid() != parent:  # only in the forked shard: its error must cross back
+            raise DivergenceError(1, 3, [1])
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(study.Trainer, "fit", fit_or_diverge)
+    code = main(["reproduce", "--epochs", "1", "--no-figures", "--threads", "2",
+                 "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    shards = study._balance([study._model_cost(E) for _ in range(3) for E in (1, 2, 4, 8)], 2)
+    child_model = shards[1][1]  # the child's second model, by its place in the whole study
+    assert err.strip() == (f"error: training diverged: non-finite loss at epoch 1, step 3 "
+                           f"(model(s) [{child_model}]); lower the learning rate or set grad_clip")
+    assert not (tmp_path / "r" / "metrics.csv").exists()
