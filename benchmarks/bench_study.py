@@ -101,13 +101,9 @@ def train_sharded(Xs: list[np.ndarray], counts: list[int], seeds: list[int], sha
     from moeae.workers import fork_map
 
     groups = _balance([_model_cost(E) for E in counts], shards)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return sum(fork_map(_train_group, [([Xs[i] for i in g], [counts[i] for i in g],
-                                            [seeds[i] for i in g]) for g in groups]))
-    finally:
-        torch.set_num_threads(threads)
+    jobs = [([Xs[i] for i in g], [counts[i] for i in g], [seeds[i] for i in g]) for g in groups]
+    # one thread here before forking, as the study does: children must not inherit a pool
+    return one_thread(lambda: sum(fork_map(_train_group, jobs)))
 
 
 def _train_group(job) -> int:
