@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch size (default: the recipe's)")
     t.add_argument("--grad-clip", type=_positive_float, default=None,
                    help="clip each step's gradient norm to this (default: off)")
+    t.add_argument("--working-set", type=_int_at_least(2), default=None,
+                   help="points per epoch; larger data trains each epoch on a fresh random "
+                        "sample of this many, so the cost does not grow with the data "
+                        "(default: the recipe's, 2000)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to train (default: auto)")
     t.add_argument("--progress", action="store_true", help="show a progress bar")
@@ -131,17 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run folder")
     e.add_argument("input", help=".npy or .csv of shape (n, d)")
     e.add_argument("output", help=".npy or .csv to write, shape (n, 1 + latent_dim)")
+    e.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where to run the model (default: cpu)")
 
     d = sub.add_parser("decode", parents=[common], help="atlas codes -> points")
     d.add_argument("run", help="run folder")
     d.add_argument("input", help=".npy or .csv of codes, shape (n, 1 + latent_dim)")
     d.add_argument("output", help=".npy or .csv to write, shape (n, d)")
+    d.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where to run the model (default: cpu)")
 
     v = sub.add_parser("evaluate", parents=[common], help="print the metrics of a run")
     v.add_argument("run", help="run folder")
     v.add_argument("--data", help="a dataset name or .npy/.csv file (default: the run's own "
                    "test set)")
     v.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    v.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where to run the model (default: cpu)")
     return p
 
 
@@ -152,7 +162,7 @@ def _load_data(spec: str, n_samples: int, noise: float, seed: int):
 
     path = Path(spec)
     if path.suffix.lower() in (".npy", ".csv", ".txt") or path.exists():
-        X = load_array(path, min_samples=2)
+        X = load_array(path, min_samples=2, mmap=True)  # a .npy file is memory-mapped
         return X, None, None, False, {"file": str(path.resolve()), "shape": list(X.shape)}
     if spec.replace("-", "_").lower() not in DATASETS and spec not in ("figure-8",):
         raise ValueError(f"unknown dataset {spec!r} and no such file; valid names: "
@@ -223,38 +233,57 @@ def cmd_train(args) -> int:
     latent = args.latent_dim or info.get("manifold_dim", 1)
     mc, tc = recipe(args.recipe, n_experts=args.experts, latent_dim=latent, epochs=args.epochs,
                     seed=args.seed, lr=args.lr, batch_size=args.batch_size,
-                    grad_clip=args.grad_clip, device=args.device)
+                    grad_clip=args.grad_clip, working_set=args.working_set,
+                    device=args.device)
     tr = train_run(args.out, X, mc, tc, X_test=X_te, t_test=t_te, closed=closed,
                    data_info=info, force=args.force, progress=args.progress)
     print(f"trained {args.out}: {tr.state.epoch} epochs, {tr.state.step} steps")
     return 0
 
 
+def _stream(input_path, output_path, width_in, width_out, header, fn) -> int:
+    """Apply ``fn(rows, first_row) -> rows`` to an input file chunk by chunk into an output
+    written atomically: a memory-mapped .npy input of any size streams in bounded memory."""
+    import numpy as np
+
+    from .data import SCAN_ROWS, ArrayWriter, load_array
+    from .working_set import release_pages
+
+    X = load_array(input_path, n_features=width_in, mmap=True)
+    with ArrayWriter(output_path, (len(X), width_out), header) as out:
+        for i in range(0, len(X), SCAN_ROWS):
+            out.write(fn(np.asarray(X[i:i + SCAN_ROWS]), i))
+            release_pages(X)
+    return len(X)
+
+
 def cmd_encode(args) -> int:
-    from .data import load_array, save_array
     from .run import encode, load_model
 
-    model, _ = load_model(args.run)
-    X = load_array(args.input, n_features=model.cfg.n_features)
-    codes = encode(model, X)
-    header = ["chart"] + [f"z{i}" for i in range(model.cfg.latent_dim)]
-    save_array(args.output, codes, header)
-    print(f"encoded {len(X)} points -> {args.output}")
+    model, _ = load_model(args.run, args.device)
+    k = model.cfg.latent_dim
+    n = _stream(args.input, args.output, model.cfg.n_features, 1 + k,
+                ["chart"] + [f"z{i}" for i in range(k)], lambda rows, _: encode(model, rows))
+    print(f"encoded {n} points -> {args.output}")
     return 0
 
 
 def cmd_decode(args) -> int:
-    from .data import DataError, load_array, save_array
+    from .data import DataError
     from .run import decode, load_model
 
-    model, _ = load_model(args.run)
-    codes = load_array(args.input)
-    try:
-        X = decode(model, codes)
-    except ValueError as exc:
-        raise DataError(f"{args.input}: {exc}") from None
-    save_array(args.output, X, [f"x{i}" for i in range(X.shape[1])])
-    print(f"decoded {len(X)} codes -> {args.output}")
+    model, _ = load_model(args.run, args.device)
+    d = model.cfg.n_features
+
+    def fn(rows, first):
+        try:
+            return decode(model, rows, first_row=first)
+        except ValueError as exc:
+            raise DataError(f"{args.input}: {exc}") from None
+
+    n = _stream(args.input, args.output, None, d,
+                [f"x{i}" for i in range(d)], fn)
+    print(f"decoded {n} codes -> {args.output}")
     return 0
 
 
@@ -264,7 +293,7 @@ def cmd_evaluate(args) -> int:
 
     X = t = closed = None
     if args.data:
-        model, config = load_model(args.run)
+        model, config = load_model(args.run, args.device)
         seed = int(config.get("data", {}).get("random_state", 0)) + 2
         X, X_te, t, closed, _ = _load_data(args.data, 1000, 0.0, seed)
         if X_te is not None:
@@ -272,7 +301,7 @@ def cmd_evaluate(args) -> int:
         if X.shape[1] != model.cfg.n_features:
             raise DataError(f"{args.data}: has {X.shape[1]} features but the model expects "
                             f"{model.cfg.n_features}")
-    _print_metrics(evaluate_run(args.run, X, t, closed), args.json)
+    _print_metrics(evaluate_run(args.run, X, t, closed, device=args.device), args.json)
     return 0
 
 

@@ -49,6 +49,9 @@ class TrainConfig:
     relabel_hard: bool = False  # per-epoch targets one-hot (the argmax of the average)
     standardize: bool = False  # centre inputs and divide by one overall scale
     input_noise: float = 0.0  # Gaussian noise on (standardized) training inputs
+    working_set: int = 2000  # points per epoch: larger data trains on a fresh random sample
+    #                          of this many each epoch (moeae.working_set), so the budget is
+    #                          epochs x ceil(working_set / batch_size) steps whatever n
     seed: int = 0  # initialisation, shuffling, dropout
     device: str = "auto"  # "auto" | "cpu" | "cuda"
 

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DataError", "load_array", "check_data", "save_array"]
+__all__ = ["DataError", "load_array", "open_npy", "check_data", "save_array", "ArrayWriter",
+           "CSV_MAX_BYTES", "SCAN_ROWS"]
+
+CSV_MAX_BYTES = 200 * 2**20  # larger CSV files are refused with a note to convert them to .npy
+SCAN_ROWS = 1 << 16  # rows per chunk when a memory-mapped file is checked or streamed
 
 
 class DataError(ValueError):
@@ -24,7 +28,15 @@ def check_data(X, where: str = "input", *, n_features: int | None = None,
 
     ``where`` names the source in messages (a file name, or "X").
     """
-    X = np.asarray(X)
+    X = _check_layout(np.asarray(X), where, n_features, min_samples)
+    X = X.astype(np.float64)
+    _check_values(X, where)
+    return X
+
+
+def _check_layout(X: np.ndarray, where: str, n_features: int | None,
+                  min_samples: int) -> np.ndarray:
+    """dtype, rank, size and width of X, without reading its values."""
     if X.dtype == object:
         raise DataError(f"{where}: object array (pickled Python objects) is not numeric data")
     if np.iscomplexobj(X):
@@ -40,17 +52,68 @@ def check_data(X, where: str = "input", *, n_features: int | None = None,
     if X.shape[0] < min_samples or X.shape[1] == 0:
         raise DataError(f"{where}: empty data, shape {X.shape} (need >= {min_samples} "
                         "samples and >= 1 feature)")
-    X = X.astype(np.float64)
-    bad = ~np.isfinite(X)
-    if bad.any():
-        i, j = np.argwhere(bad)[0]
-        kind = "NaN" if np.isnan(X[i, j]) else "inf"
-        raise DataError(f"{where}: {kind} at row {i}, column {j} ({int(bad.sum())} non-finite "
-                        "values in all)")
     if n_features is not None and X.shape[1] != n_features:
         raise DataError(f"{where}: has {X.shape[1]} features (columns) but the model expects "
                         f"{n_features}")
     return X
+
+
+def _check_values(X: np.ndarray, where: str, row0: int | None = None) -> None:
+    """NaN or inf anywhere in X is an error naming the first; ``row0``: X is the part of the
+    data starting at that row (a chunk of a file being scanned)."""
+    if not np.issubdtype(X.dtype, np.inexact):
+        return
+    bad = ~np.isfinite(X)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        kind = "NaN" if np.isnan(X[i, j]) else "inf"
+        if row0 is None:
+            raise DataError(f"{where}: {kind} at row {i}, column {j} ({int(bad.sum())} "
+                            "non-finite values in all)")
+        raise DataError(f"{where}: {kind} at row {row0 + i}, column {j}")
+
+
+def open_npy(path, *, n_features: int | None = None, min_samples: int = 1,
+             scan: bool = True) -> np.ndarray:
+    """A ``.npy`` file opened memory-mapped and read-only, for data larger than memory.
+
+    Nothing is loaded: rows are read when used. With ``scan`` every value is checked once, in
+    chunks of :data:`SCAN_ROWS` rows whose pages are released after each (so a file of any
+    size is checked in bounded memory); the first NaN or inf is an error naming its row.
+    """
+    from .working_set import release_pages
+
+    path = Path(path)
+    _check_npy_file(path)
+    try:
+        X = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "object" in str(exc):
+            raise DataError(f"{path}: object array (pickled Python objects) refused; save "
+                            "plain numbers with np.save") from None
+        raise DataError(f"{path}: not a valid .npy file ({exc})") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: not a valid .npy file ({exc})") from None
+    X = _check_layout(X, str(path), n_features, min_samples)
+    if scan:
+        for i in range(0, len(X), SCAN_ROWS):
+            _check_values(np.asarray(X[i:i + SCAN_ROWS]), str(path), i)
+            release_pages(X)
+    return X
+
+
+def _check_npy_file(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a .npy or .csv file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file")
+    with path.open("rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":  # np.load would try a pickle or open a .npz
+        raise DataError(f"{path}: not a .npy file (no NumPy header); pickles and other "
+                        "formats are refused")
 
 
 def _read_csv(path: Path) -> np.ndarray:
@@ -87,8 +150,12 @@ def _is_float(s: str) -> bool:
         return False
 
 
-def load_array(path, *, n_features: int | None = None, min_samples: int = 1) -> np.ndarray:
-    """Load a 2-D numeric array from ``.npy`` (no pickles) or ``.csv`` (header optional)."""
+def load_array(path, *, n_features: int | None = None, min_samples: int = 1,
+               mmap: bool = False) -> np.ndarray:
+    """Load a 2-D numeric array from ``.npy`` (no pickles) or ``.csv`` (header optional).
+
+    With ``mmap`` a ``.npy`` file is opened memory-mapped (:func:`open_npy`) instead of read.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
@@ -96,13 +163,9 @@ def load_array(path, *, n_features: int | None = None, min_samples: int = 1) -> 
         raise DataError(f"{path}: is a directory, expected a .npy or .csv file")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        if path.stat().st_size == 0:
-            raise DataError(f"{path}: empty file")
-        with path.open("rb") as f:
-            magic = f.read(6)
-        if magic != b"\x93NUMPY":  # np.load would try a pickle or open a .npz
-            raise DataError(f"{path}: not a .npy file (no NumPy header); pickles and other "
-                            "formats are refused")
+        if mmap:
+            return open_npy(path, n_features=n_features, min_samples=min_samples)
+        _check_npy_file(path)
         try:
             X = np.load(path, allow_pickle=False)
         except ValueError as exc:
@@ -113,6 +176,11 @@ def load_array(path, *, n_features: int | None = None, min_samples: int = 1) -> 
         except (OSError, EOFError) as exc:
             raise DataError(f"{path}: not a valid .npy file ({exc})") from None
     elif suffix in (".csv", ".txt"):
+        size = path.stat().st_size
+        if size > CSV_MAX_BYTES:
+            raise DataError(f"{path}: {size / 2**20:.0f} MiB of CSV is too large to parse; "
+                            "convert it once to .npy (numpy.save), which is memory-mapped and "
+                            "never loaded whole")
         try:
             X = _read_csv(path)
         except UnicodeDecodeError:
@@ -139,3 +207,70 @@ def save_array(path, X: np.ndarray, header: list[str] | None = None) -> None:
     else:
         raise DataError(f"{path}: unsupported output type {suffix!r}; use .npy or .csv")
     atomic_write_bytes(path, buf.getvalue())
+
+
+class ArrayWriter:
+    """Write an array of known shape (n, w) in chunks to ``.npy`` or ``.csv``, atomically.
+
+    Rows go to a temporary file beside the target, which replaces the target only once all
+    ``n`` rows are written; on an error the target is left as it was. Use as a context manager
+    and call :meth:`write` with consecutive chunks of rows.
+    """
+
+    def __init__(self, path, shape: tuple[int, int], header: list[str] | None = None):
+        self.path, self.shape, self.header = Path(path), tuple(shape), header
+        self.suffix = self.path.suffix.lower()
+        if self.suffix not in (".npy", ".csv", ".txt"):
+            raise DataError(f"{self.path}: unsupported output type {self.suffix!r}; use .npy "
+                            "or .csv")
+        self.rows = 0
+
+    def __enter__(self) -> ArrayWriter:
+        import os
+        import tempfile
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                        dir=self.path.parent)
+        self.f = os.fdopen(fd, "wb")
+        if self.suffix == ".npy":
+            np.lib.format.write_array_header_1_0(
+                self.f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float64)),
+                         "fortran_order": False, "shape": self.shape})
+        elif self.header:
+            self.f.write((",".join(self.header) + "\n").encode())
+        return self
+
+    def write(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.float64)
+        room = self.shape[0] - self.rows
+        if rows.ndim != 2 or rows.shape[1] != self.shape[1] or len(rows) > room:
+            raise ValueError(f"rows of shape {rows.shape} do not fit the remaining "
+                             f"{room} rows of width {self.shape[1]}")
+        if self.suffix == ".npy":
+            self.f.write(np.ascontiguousarray(rows).tobytes())
+        else:
+            np.savetxt(self.f, rows, delimiter=",", fmt="%.9g")
+        self.rows += len(rows)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import os
+
+        from .checkpoint import _new_file_mode
+
+        try:
+            if exc_type is None and self.rows != self.shape[0]:
+                raise ValueError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
+            if exc_type is None:
+                os.fchmod(self.f.fileno(), _new_file_mode(self.path))
+                self.f.flush()
+                os.fsync(self.f.fileno())
+        except BaseException:
+            self.f.close()
+            Path(self.tmp).unlink(missing_ok=True)
+            raise
+        self.f.close()
+        if exc_type is not None:
+            Path(self.tmp).unlink(missing_ok=True)
+            return
+        os.replace(self.tmp, self.path)

@@ -17,11 +17,15 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, from_dict, recipe, to_dict
+from .data import SCAN_ROWS
 from .model import MoEAE
 from .run import as_population, check_configs, decode, encode
 from .training import Trainer, evaluate, resolve_device
+from .working_set import release_pages
 
 __all__ = ["MoEAutoencoder"]
+
+SELECT_MAX = 10_000  # the best of n_init starts is judged on at most this many points
 
 
 class MoEAutoencoder(TransformerMixin, BaseEstimator):
@@ -40,6 +44,10 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         Override the recipe's value when not None.
     weight_decay, input_noise : float, optional
         Regularisation (AdamW decay; Gaussian noise on standardized training inputs).
+    working_set : int, optional
+        Points per epoch (default: the recipe's, 2000). Larger data trains each epoch on a
+        fresh random sample of this many points, so the cost of a fit does not grow with the
+        number of points; raise it for more of the data per epoch, at proportional cost.
     n_init : int or "auto", default="auto"
         Independent starts (seeds ``random_state``, +1, ...) trained together as one batched
         population; the one with the lowest hard reconstruction error on the training data is
@@ -64,7 +72,8 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
 
     def __init__(self, *, n_experts=4, latent_dim=1, recipe="best", epochs=None,
                  batch_size=None, lr=None, width=None, depth=None, dropout=None,
-                 weight_decay=None, input_noise=None, n_init="auto", device="auto",
+                 weight_decay=None, input_noise=None, working_set=None, n_init="auto",
+                 device="auto",
                  random_state=None, verbose=False):
         self.n_experts = n_experts
         self.latent_dim = latent_dim
@@ -77,6 +86,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         self.dropout = dropout
         self.weight_decay = weight_decay
         self.input_noise = input_noise
+        self.working_set = working_set
         self.n_init = n_init
         self.device = device
         self.random_state = random_state
@@ -98,13 +108,20 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
             self.recipe, n_features=n_features, n_experts=int(self.n_experts),
             latent_dim=int(self.latent_dim), epochs=self.epochs, batch_size=self.batch_size,
             lr=self.lr, width=self.width, depth=self.depth, dropout=self.dropout,
-            weight_decay=self.weight_decay, input_noise=self.input_noise, device=self.device,
+            weight_decay=self.weight_decay, input_noise=self.input_noise,
+            working_set=self.working_set, device=self.device,
             seed=seed)
         return mc, tc
 
     def fit(self, X, y=None):
-        """Fit the atlas to X of shape (n_samples, n_features). ``y`` is ignored."""
-        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+        """Fit the atlas to X of shape (n_samples, n_features). ``y`` is ignored.
+
+        X may also be the path of a ``.npy`` file or an ``np.memmap``: rows are then read from
+        disk a working set at a time and the data never has to fit in memory. The training
+        budget is ``epochs`` passes over a working set of at most ``working_set`` points
+        (a fresh random sample each epoch for larger data), whatever the number of points.
+        """
+        X = self._input(X, reset=True)
         n, d = X.shape
         mc, tc = self._configs(d)
         check_configs(mc, tc, n, d)
@@ -119,27 +136,56 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         # the one whose hard reconstruction of the training data is best is kept
         trainer = Trainer(MoEAE(mc, [mc.n_experts] * k), tc, [tc.seed + i for i in range(k)],
                           resolve_device(tc.device))
-        Xt = as_population(X).expand(k, -1, -1)
-        trainer.initialize(Xt)
-        trainer.fit(Xt, tc.epochs, progress=bool(self.verbose))
+        data = trainer.data(X)  # one array, shared by the k starts
+        trainer.initialize(data)
+        trainer.fit(data, tc.epochs, progress=bool(self.verbose))
         best = 0
-        if k > 1:
-            ev = evaluate(trainer.model, Xt)
+        if k > 1:  # judged on all points, or on a fixed sample of SELECT_MAX of them
+            idx = np.arange(n) if n <= SELECT_MAX else np.sort(
+                np.random.default_rng(tc.seed).choice(n, SELECT_MAX, replace=False))
+            ev = evaluate(trainer.model, data.gather(np.tile(idx, (k, 1))))
             best = int(((ev["x_hard"] - ev["inputs"]) ** 2).sum(-1).mean(-1).argmin())
         # float64 inference: a point's code must not depend on the batch it is encoded in
-        self.model_ = trainer.model.select(best).cpu().double().eval()
+        self.model_ = trainer.model.select(best).double().eval()
         self.random_state_ = tc.seed  # the drawn seed when random_state is None
         self.model_config_, self.train_config_ = mc, tc
         self.train_config_.seed = tc.seed + best  # the start that was kept
         self.history_ = [h[best] for h in trainer.state.history]
         return self
 
+    def _input(self, X, reset: bool):
+        """X checked: an array as scikit-learn validates it (float64), or a ``.npy`` path or
+        ``np.memmap`` opened memory-mapped and checked in chunks (never loaded whole)."""
+        if isinstance(X, (str, Path)) or isinstance(X, np.memmap):
+            from .data import open_npy
+
+            if isinstance(X, np.memmap):
+                from .data import _check_layout, _check_values
+
+                where = str(getattr(X, "filename", None) or "X")
+                _check_layout(X, where, None, 2 if reset else 1)
+                for i in range(0, len(X), SCAN_ROWS):
+                    _check_values(np.asarray(X[i:i + SCAN_ROWS]), where, i)
+                    release_pages(X)
+            else:
+                X = open_npy(X, min_samples=2 if reset else 1)
+            if reset:
+                self.n_features_in_ = X.shape[1]
+            elif X.shape[1] != self.n_features_in_:
+                raise ValueError(f"X has {X.shape[1]} features, but {type(self).__name__} is "
+                                 f"expecting {self.n_features_in_} features as input.")
+            return X
+        if reset:
+            return validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+        return validate_data(self, X, dtype=np.float64, reset=False)
+
     # -- using the atlas --------------------------------------------------------------------
     def transform(self, X):
-        """Atlas codes: (n_samples, 1 + latent_dim); column 0 is the chart index."""
+        """Atlas codes: (n_samples, 1 + latent_dim); column 0 is the chart index.
+
+        X: an array, or a ``.npy`` path / ``np.memmap`` (encoded in chunks)."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=np.float64, reset=False)
-        return encode(self.model_, X)
+        return encode(self.model_, self._input(X, reset=False))
 
     def inverse_transform(self, X):
         """Decode codes (n_samples, 1 + latent_dim) with the chart each names: (n, d)."""
@@ -163,7 +209,8 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         X = validate_data(self, X, dtype=np.float64, reset=False)
         from .metrics import snapshot_metrics
 
-        snap = {k: v[0] for k, v in evaluate(self.model_, as_population(X, torch.float64)).items()}
+        snap = {k: v[0] for k, v in
+                evaluate(self.model_, as_population(X, torch.float64)).items()}
         return snapshot_metrics(snap, neighborhood=False)[f"fvu_{kind}"]
 
     def __sklearn_is_fitted__(self):
@@ -176,7 +223,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         meta = {"params": self.get_params(), **to_dict(self.model_config_, self.train_config_),
                 "history": self.history_}
         meta["params"]["random_state"] = self.random_state_
-        weights = {k: v.float() if v.is_floating_point() else v
+        weights = {k: (v.float() if v.is_floating_point() else v).cpu()
                    for k, v in self.model_.state_dict().items()}
         save_checkpoint(path, model=weights, meta=meta)
 

@@ -3,7 +3,8 @@
 A run folder holds
 
 - ``config.json``: model and training configs and where the data came from;
-- ``data.npz``: the training (and test) arrays, so a resume needs nothing else;
+- ``data.npz``: the training (and test) arrays, so a resume needs nothing else; for a
+  memory-mapped ``.npy`` file, only a sample to evaluate on (config.json names the file);
 - ``checkpoint.safetensors``: weights, input scaling, optimizer, RNG streams, epoch and step,
   written atomically at the start and after every epoch;
 - ``snapshots/epoch_NNNN.npz``: eval-mode outputs on the test set after each epoch;
@@ -32,6 +33,7 @@ from .config import ModelConfig, TrainConfig, from_dict, to_dict
 from .metrics import snapshot_metrics
 from .model import MoEAE
 from .training import Trainer, evaluate, resolve_device
+from .working_set import release_pages
 
 __all__ = ["RunError", "train_run", "resume_run", "load_model", "encode", "decode",
            "evaluate_run", "RUN_FILES"]
@@ -63,6 +65,8 @@ def check_configs(model_cfg: ModelConfig, train_cfg: TrainConfig, n_samples: int
         raise ValueError(f"batch_size must be >= 1, got {train_cfg.batch_size}")
     if not train_cfg.lr > 0:
         raise ValueError(f"lr must be > 0, got {train_cfg.lr}")
+    if train_cfg.working_set < 2:
+        raise ValueError(f"working_set must be >= 2, got {train_cfg.working_set}")
     if n_samples < 2:
         raise ValueError(f"need at least 2 samples to train, got {n_samples}")
     if train_cfg.routing not in ("soft", "responsibility"):
@@ -134,32 +138,79 @@ def _prepare_dir(run_dir: Path, force: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+EVAL_MAX = 2000  # snapshots and metrics of larger training data use a fixed sample this big
+CODE_CHUNK = 8192  # points per forward pass in encode/decode: activations stay ~30 MB
+
+
 def train_run(run_dir, X: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
               X_test: np.ndarray | None = None, t_test: np.ndarray | None = None,
               closed: bool = False, data_info: dict | None = None, force: bool = False,
               progress: bool = False) -> Trainer:
-    """Train one model from scratch into ``run_dir``; returns the trainer."""
+    """Train one model from scratch into ``run_dir``; returns the trainer.
+
+    ``X`` may be an ``np.memmap`` (a ``.npy`` file opened with :func:`moeae.data.open_npy`):
+    its rows are read a working set at a time, and the run folder records the file's path
+    instead of a copy of the data. Without ``X_test``, snapshots and metrics use the training
+    data, or a fixed sample of :data:`EVAL_MAX` points of it when it is larger.
+    """
     run_dir = Path(run_dir)
-    X = np.asarray(X, dtype=np.float64)
+    mapped = isinstance(X, np.memmap)
+    if not mapped:
+        X = np.asarray(X, dtype=np.float64)
     model_cfg = dataclasses.replace(model_cfg, n_features=X.shape[1])
     check_configs(model_cfg, train_cfg, *X.shape)
     device = resolve_device(train_cfg.device)
     _prepare_dir(run_dir, force)
-    config = to_dict(model_cfg, train_cfg, data=data_info or {}, closed=closed)
+    data_info = dict(data_info or {})
+    if mapped:
+        data_info.update(file=str(Path(X.filename).resolve()), shape=list(X.shape),
+                         dtype=str(X.dtype), mapped=True)
+    config = to_dict(model_cfg, train_cfg, data=data_info, closed=closed)
     write_json(run_dir / "config.json", config)
-    arrays = {"X_train": X}
+    arrays = {} if mapped else {"X_train": X}
     if X_test is not None:
         arrays["X_test"] = np.asarray(X_test, dtype=np.float64)
+    elif mapped or len(X) > EVAL_MAX:  # a copy of a small sample, never of the whole file
+        idx = np.arange(len(X)) if len(X) <= EVAL_MAX else np.sort(
+            np.random.default_rng(train_cfg.seed).choice(len(X), EVAL_MAX, replace=False))
+        arrays["X_eval"] = np.asarray(X[idx], dtype=np.float64)
     if t_test is not None:
         arrays["t_test"] = np.asarray(t_test)
     save_npz(run_dir / "data.npz", arrays)
     trainer = Trainer(MoEAE(model_cfg), train_cfg, [train_cfg.seed], device)
-    Xt = as_population(X)
-    trainer.initialize(Xt)
-    rec = _Recorder(run_dir, X if X_test is None else X_test, t_test, closed, config, [])
+    trainer.initialize(X)
+    rec = _Recorder(run_dir, _eval_set(arrays, X), t_test, closed, config, [])
     rec.checkpoint(trainer)  # epoch 0: a divergence in epoch 1 still leaves a good checkpoint
-    trainer.fit(Xt, train_cfg.epochs, on_epoch_end=rec, progress=progress)
+    trainer.fit(X, train_cfg.epochs, on_epoch_end=rec, progress=progress)
     return trainer
+
+
+def _eval_set(arrays: dict, X_train=None) -> np.ndarray:
+    """The points a run is evaluated on: its test set, else its sample of the training data,
+    else the training data."""
+    for key in ("X_test", "X_eval", "X_train"):
+        if key in arrays:
+            return arrays[key]
+    if X_train is None:
+        raise RunError("data.npz holds no evaluation data")
+    return np.asarray(X_train, dtype=np.float64)
+
+
+def _training_data(run_dir: Path, config: dict, data: dict) -> np.ndarray:
+    """A run's training data: its copy in data.npz, or the memory-mapped file it names."""
+    if "X_train" in data:
+        return data["X_train"]
+    info = config.get("data", {})
+    if not info.get("mapped") or "file" not in info:
+        raise RunError(f"{run_dir / 'data.npz'} has no training data and config.json names "
+                       "no data file")
+    from .data import open_npy
+
+    X = open_npy(info["file"], scan=False)
+    if list(X.shape) != list(info.get("shape", [])):
+        raise RunError(f"{info['file']}: shape {tuple(X.shape)} differs from the "
+                       f"{tuple(info.get('shape', []))} this run was trained on")
+    return X
 
 
 def _read_run(run_dir: Path) -> tuple[dict, ModelConfig, TrainConfig]:
@@ -217,15 +268,15 @@ def resume_run(run_dir, epochs: int | None = None, progress: bool = False) -> Tr
     if epochs is not None:  # only now, so a refused resume leaves config.json as it was
         write_json(run_dir / "config.json", config)
     _remove_stale_tmp(run_dir)
-    X = data["X_train"]
-    rec = _Recorder(run_dir, data.get("X_test", X), data.get("t_test"),
+    X = _training_data(run_dir, config, data)
+    rec = _Recorder(run_dir, _eval_set(data, X), data.get("t_test"),
                     bool(config.get("closed", False)), config, rows)
-    trainer.fit(as_population(X), train_cfg.epochs, on_epoch_end=rec, progress=progress)
+    trainer.fit(X, train_cfg.epochs, on_epoch_end=rec, progress=progress)
     return trainer
 
 
-def load_model(run_dir) -> tuple[MoEAE, dict]:
-    """The trained model of a run (eval mode, CPU, float64) and its config dict.
+def load_model(run_dir, device: str = "cpu") -> tuple[MoEAE, dict]:
+    """The trained model of a run (eval mode, float64, on ``device``) and its config dict.
 
     Inference runs in float64: float32 matmuls round differently for different batch sizes,
     and a point's code should not depend on which other points are encoded with it."""
@@ -238,17 +289,28 @@ def load_model(run_dir) -> tuple[MoEAE, dict]:
     except RuntimeError as exc:
         raise CheckpointError(f"{run_dir / 'checkpoint.safetensors'} does not match "
                               f"config.json ({str(exc).splitlines()[0]})") from None
-    return model.double().eval(), config
+    return model.double().eval().to(resolve_device(device)), config
 
 
-def encode(model: MoEAE, X: np.ndarray) -> np.ndarray:
-    """X (n, d) -> codes (n, 1 + k): chart index, then the chart's coordinates."""
-    chart, z = model.encode(as_population(X, model.shift.dtype))
-    return np.concatenate([chart[0, :, None].double().numpy(), z[0].double().numpy()], 1)
+def encode(model: MoEAE, X: np.ndarray, chunk: int = CODE_CHUNK) -> np.ndarray:
+    """X (n, d) -> codes (n, 1 + k): chart index, then the chart's coordinates.
+
+    Runs in chunks of ``chunk`` points on the model's device; X may be memory-mapped."""
+    out = np.empty((len(X), 1 + model.cfg.latent_dim))
+    for i in range(0, len(X), chunk):
+        rows = np.array(X[i:i + chunk], dtype=np.float64)  # a copy: X may be a read-only map
+        release_pages(X)
+        x = as_population(rows, model.shift.dtype).to(model.shift.device)
+        chart, z = model.encode(x)
+        out[i:i + chunk, 0] = chart[0].cpu().numpy()
+        out[i:i + chunk, 1:] = z[0].double().cpu().numpy()
+    return out
 
 
-def decode(model: MoEAE, codes: np.ndarray) -> np.ndarray:
-    """codes (n, 1 + k) -> X (n, d), decoded by the chart each code names."""
+def decode(model: MoEAE, codes: np.ndarray, chunk: int = CODE_CHUNK,
+           first_row: int = 0) -> np.ndarray:
+    """codes (n, 1 + k) -> X (n, d), decoded by the chart each code names (``first_row``:
+    the row number of ``codes[0]`` in the file, for messages)."""
     codes = np.asarray(codes, dtype=np.float64)
     k, E = model.cfg.latent_dim, model.counts[0]
     if codes.ndim != 2 or codes.shape[1] != 1 + k:
@@ -258,21 +320,25 @@ def decode(model: MoEAE, codes: np.ndarray) -> np.ndarray:
     bad = (chart != np.round(chart)) | (chart < 0) | (chart >= E)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"chart index {codes[i, 0]:g} in row {i} is out of range: the model "
-                         f"has charts 0..{E - 1}")
-    c = torch.as_tensor(chart.astype(np.int64))[None]
-    z = torch.as_tensor(codes[:, 1:], dtype=model.shift.dtype)[None]
-    return model.decode(c, z)[0].double().numpy()
+        raise ValueError(f"chart index {codes[i, 0]:g} in row {first_row + i} is out of "
+                         f"range: the model has charts 0..{E - 1}")
+    device, dtype = model.shift.device, model.shift.dtype
+    out = np.empty((len(codes), model.cfg.n_features))
+    for i in range(0, len(codes), chunk):
+        c = torch.as_tensor(chart[i:i + chunk].astype(np.int64), device=device)[None]
+        z = torch.as_tensor(codes[i:i + chunk, 1:], dtype=dtype, device=device)[None]
+        out[i:i + chunk] = model.decode(c, z)[0].double().cpu().numpy()
+    return out
 
 
-def evaluate_run(run_dir, X: np.ndarray | None = None, t=None, closed: bool | None = None
-                 ) -> dict:
-    """Metrics of a run's model on X (default: the run's own test set)."""
+def evaluate_run(run_dir, X: np.ndarray | None = None, t=None, closed: bool | None = None,
+                 device: str = "cpu") -> dict:
+    """Metrics of a run's model on X (default: the run's own evaluation set)."""
     run_dir = Path(run_dir)
-    model, config = load_model(run_dir)
+    model, config = load_model(run_dir, device)
     if X is None:
         data = load_npz(run_dir / "data.npz")
-        X = data.get("X_test", data["X_train"])
+        X = _eval_set(data)
         t = data.get("t_test") if t is None else t
     closed = bool(config.get("closed", False)) if closed is None else closed
     snap = _snapshot(model, as_population(X, model.shift.dtype))

@@ -15,8 +15,14 @@ Two routing modes (``TrainConfig.routing``):
   router's probabilities). Charts can start from a geodesic atlas of the data
   (``chart_init``, :mod:`moeae.atlas`, followed by ``warm_start_epochs`` towards those charts
   and, with ``latent_init``, towards each chart's unrolled coordinates); with
-  ``relabel_neighbors`` the targets are recomputed once per epoch over the whole training set
+  ``relabel_neighbors`` the targets are recomputed once per epoch over the epoch's working set
   and averaged over each point's nearest neighbours (:meth:`Trainer.relabel`), else per batch.
+
+An epoch is one pass over a working set of at most ``cfg.working_set`` points: all the data
+when it is no larger, else a fresh random sample of it (:mod:`moeae.working_set`), so the
+budget, ``epochs x ceil(working_set / batch_size)`` steps, does not grow with the data. Steps
+never wait for the host: a non-finite loss is recorded on the device and raised as
+:class:`DivergenceError` (naming its epoch and step) when the epoch ends.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ from .atlas import initial_atlas
 from .config import TrainConfig
 from .layers import DropoutMasks
 from .model import MoEAE
+from .neighbors import kneighbors
 from .optim import FusedAdam
+from .working_set import TrainingData, draw_indices
 
 __all__ = ["Trainer", "evaluate", "DivergenceError", "LossTerms", "resolve_device"]
 
@@ -121,25 +129,48 @@ class Trainer:
         self.labels: torch.Tensor | None = None  # (M, n, E) routing targets per point
         self.knn: torch.Tensor | None = None  # (M, n, k) neighbours of each training point
         self.coords: torch.Tensor | None = None  # (M, n, E, k) starting chart coordinates
+        self.anchor: torch.Tensor | None = None  # (M, W) the atlas's sample of large data
         self.optimizer = FusedAdam(self.model.parameters(), lr=cfg.lr,
                                    weight_decay=cfg.weight_decay)
 
     # -- set-up ---------------------------------------------------------------------------
-    def initialize(self, X: torch.Tensor) -> None:
-        """Fresh start: weights from the seeds, input scaling and initial charts from X (M,n,d)."""
+    def data(self, X) -> TrainingData:
+        """``X`` as :class:`TrainingData` of this population (tensors (M, n, d) per model, or
+        one array (n, d), possibly memory-mapped, shared by all models)."""
+        return X if isinstance(X, TrainingData) else TrainingData(X, self.model.n_models,
+                                                                  self.device)
+
+    def working_size(self, n: int) -> int:
+        """Points per epoch: all ``n`` up to ``cfg.working_set``, else that many."""
+        return min(n, self.cfg.working_set)
+
+    def initialize(self, X) -> None:
+        """Fresh start: weights from the seeds, input scaling and initial charts from the data
+        (a tensor (M, n, d), an array (n, d) or :class:`TrainingData`). Beyond
+        ``cfg.working_set`` points, the atlas is built on a fixed sample of that many per model
+        (the *anchor*), where the warm start then trains."""
+        data = self.data(X)
         self.model.reset_parameters(self.seeds)
         with torch.no_grad():
             if self.cfg.standardize:
-                shift = X.mean(dim=1, keepdim=True)  # (M, 1, d)
+                S = data.stats_rows(self.seeds)
+                shift = S.mean(dim=1, keepdim=True)  # (M, 1, d)
                 # one overall scale keeps the geometry: RMS distance to the mean
-                scale = ((X - shift) ** 2).sum(-1).mean(1).sqrt()[:, None, None]  # (M, 1, 1)
+                scale = ((S - shift) ** 2).sum(-1).mean(1).sqrt()[:, None, None]  # (M, 1, 1)
                 self.model.shift.copy_(shift)
                 self.model.scale.copy_(scale.clamp_min(1e-12))
+        W = self.working_size(data.n)
+        if W < data.n:
+            self.anchor = torch.as_tensor(data.anchor(W, self.seeds))  # (M, W)
+            Xa = data.gather(self.anchor.numpy())
+        else:
+            self.anchor = None
+            Xa = data.full()
         if self.cfg.chart_init:
             k = self.model.cfg.latent_dim
             E = max(self.model.counts)
             shared: dict = {}  # models on the same data share its graph and embedding
-            starts = [initial_atlas(X[m].cpu().numpy(), c, k, s, overlap=self.cfg.init_overlap,
+            starts = [initial_atlas(Xa[m].cpu().numpy(), c, k, s, overlap=self.cfg.init_overlap,
                                     coordinates=self.cfg.latent_init > 0, cache=shared)
                       for m, (c, s) in enumerate(zip(self.model.counts, self.seeds))]
             labels = [np.pad(lab, ((0, 0), (0, E - lab.shape[1]))) for lab, _ in starts]
@@ -150,19 +181,26 @@ class Trainer:
                                  constant_values=np.nan) for _, c in starts]
                 self.coords = torch.as_tensor(np.stack(coords), dtype=torch.float32,
                                               device=self.device)
-        if self.cfg.routing == "responsibility" and self.cfg.relabel_neighbors > 0:
-            from sklearn.neighbors import NearestNeighbors
+        if self.relabels and W == data.n:  # else neighbours of each epoch's working set
+            self.knn = self.neighbours(Xa)
 
-            # plain k-NN: neighbours along the manifold only (no smoothing across a crossing)
-            # made the figure-8 fail more often (5 of 10 starts against 3 of 10)
-            k = min(self.cfg.relabel_neighbors, X.shape[1])
-            knn = [NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)[1]
-                   for x in X.cpu().numpy()]
-            self.knn = torch.as_tensor(np.stack(knn), device=self.device)  # (M, n, k)
+    @property
+    def relabels(self) -> bool:
+        return self.cfg.routing == "responsibility" and self.cfg.relabel_neighbors > 0
+
+    def neighbours(self, X: torch.Tensor) -> torch.Tensor:
+        """Each point's ``cfg.relabel_neighbors`` nearest points (itself included) within its
+        model's data X (M, n, d): (M, n, k) indices on the device."""
+        # plain k-NN: neighbours along the manifold only (no smoothing across a crossing)
+        # made the figure-8 fail more often (5 of 10 starts against 3 of 10)
+        k = min(self.cfg.relabel_neighbors, X.shape[1])
+        src = X if X.device.type != "cpu" else X.numpy()
+        knn = [kneighbors(x, k)[1] for x in src]
+        return torch.as_tensor(np.stack(knn), device=self.device)  # (M, n, k)
 
     @torch.no_grad()
     def relabel(self, X: torch.Tensor, progress: float) -> None:
-        """Routing targets for the next epoch, from the whole training set: each point's
+        """Routing targets for this epoch's working set X (M, n, d): each point's
         responsibilities ``softmax(-err / tau)``, averaged over its nearest neighbours in the
         data. The average keeps charts contiguous where two experts fit equally well, which
         per-batch targets turned into many one-point fragments."""
@@ -271,14 +309,42 @@ class Trainer:
             p.grad.mul_(f.view(-1, *([1] * (p.grad.dim() - 1))))
 
     # -- the loop ---------------------------------------------------------------------------
-    def fit(self, X: torch.Tensor, epochs: int,
+    def planned_steps(self, n: int, epochs: int) -> int:
+        """Optimizer steps of ``epochs`` epochs on ``n`` points: bounded by the working set."""
+        return epochs * math.ceil(self.working_size(n) / self.cfg.batch_size)
+
+    def _epoch_data(self, data: TrainingData, epoch: int, progress: float):
+        """This epoch's points X (M, w, d) on the device, their order (M, w), and whether the
+        epoch trains towards fixed targets (``self.labels``, ``self.coords``, indexed like X)."""
+        cfg = self.cfg
+        W = self.working_size(data.n)
+        warm = self.labels is not None and epoch < cfg.warm_start_epochs
+        if W == data.n:
+            X = data.full()
+        elif warm:  # the warm start trains where the atlas was built
+            X = data.gather(self.anchor.numpy())
+        else:  # a fresh working set, each model from its own stream
+            X = data.gather(np.stack([draw_indices(data.n, W, g) for g in self.shuffle_gens]))
+        perm = torch.stack([torch.randperm(W, generator=g) for g in self.shuffle_gens])
+        if self.relabels and epoch >= cfg.warm_start_epochs:
+            if W < data.n:
+                self.knn = self.neighbours(X)
+            self.relabel(X, progress)
+            warm = True  # train towards the smoothed targets
+        return X, perm.to(self.device), warm
+
+    def fit(self, X, epochs: int,
             on_epoch_end: Callable[[Trainer], None] | None = None,
             progress: bool = False) -> TrainState:
-        """Train on X (M, n, d) until ``epochs`` epochs are complete (resumes from state)."""
+        """Train until ``epochs`` epochs are complete (resumes from state).
+
+        ``X``: a tensor (M, n, d), an array (n, d) shared by all models (an ``np.memmap`` is
+        read a working set at a time) or :class:`TrainingData`. Each epoch is one pass over a
+        working set of ``min(n, cfg.working_set)`` points (:mod:`moeae.working_set`)."""
         cfg, m, st = self.cfg, self.model, self.state
-        X = X.to(self.device)
-        M, n, d = X.shape
-        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        data = self.data(X)
+        M, d = m.n_models, data.d
+        steps_per_epoch = math.ceil(self.working_size(data.n) / cfg.batch_size)
         total = epochs * steps_per_epoch
         bar = None
         if progress:
@@ -286,22 +352,20 @@ class Trainer:
             bar = tqdm(total=epochs, initial=st.epoch, unit="epoch", desc="training")
         for epoch in range(st.epoch, epochs):
             m.train()
-            perm = torch.stack([torch.randperm(n, generator=g) for g in self.shuffle_gens])
-            perm = perm.to(self.device)  # (M, n)
+            Xe, perm, warm = self._epoch_data(data, epoch, epoch / max(1, epochs))
             running = torch.zeros(M, device=self.device)
-            warm = self.labels is not None and epoch < cfg.warm_start_epochs
-            if self.knn is not None and epoch >= cfg.warm_start_epochs:
-                self.relabel(X, epoch / max(1, epochs))
-                warm = True  # train towards the smoothed targets
+            # the first step of this epoch whose loss was not finite, per model (0: none); kept
+            # on the device and read once per epoch, so steps never wait for the host
+            first_bad = torch.zeros(M, dtype=torch.long, device=self.device)
             for s in range(steps_per_epoch):
                 idx = perm[:, s * cfg.batch_size:(s + 1) * cfg.batch_size]  # (M, b)
-                xb = X.gather(1, idx[..., None].expand(-1, -1, d))  # (M, b, d)
+                xb = Xe.gather(1, idx[..., None].expand(-1, -1, d))  # (M, b, d)
                 if cfg.input_noise > 0:  # each model's noise from its own stream
                     noise = torch.cat([torch.randn((1,) + xb.shape[1:], generator=g,
                                                    device=self.device)
                                        for g in self.dropout_gens])
                     xb = xb + cfg.input_noise * m.scale * noise
-                lb = None if self.labels is None else self.labels.gather(
+                lb = None if self.labels is None or not warm else self.labels.gather(
                     1, idx[..., None].expand(-1, -1, self.labels.shape[-1]))  # (M, b, E)
                 cb = None
                 if self.coords is not None and epoch < cfg.warm_start_epochs:
@@ -309,9 +373,8 @@ class Trainer:
                     cb = self.coords.gather(1, idx[..., None, None].expand(-1, -1, E, k))
                 self.optimizer.lr = cfg.lr * self.lr_factor(st.step, total, steps_per_epoch)
                 loss, _ = self.loss(xb, lb, st.step / max(1, total), warm, cb)
-                if not torch.isfinite(loss).all():
-                    bad = torch.nonzero(~torch.isfinite(loss)).flatten().tolist()
-                    raise DivergenceError(epoch + 1, s + 1, bad)
+                first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), s + 1,
+                                        first_bad)
                 self.optimizer.zero_grad()
                 loss.sum().backward()  # models are independent: d(sum)/d(theta_m) = dL_m/d(theta_m)
                 if cfg.grad_clip:
@@ -319,6 +382,9 @@ class Trainer:
                 self.optimizer.step()
                 running += loss.detach()
                 st.step += 1
+            if bool((first_bad > 0).any()):
+                bad = torch.nonzero(first_bad).flatten().tolist()
+                raise DivergenceError(epoch + 1, int(first_bad[first_bad > 0].min()), bad)
             st.epoch = epoch + 1
             st.history.append((running / steps_per_epoch).tolist())
             if bar is not None:
@@ -338,10 +404,12 @@ class Trainer:
             rng[f"shuffle.{i}"] = a.get_state()
             rng[f"dropout.{i}"] = b.get_state()
         extra = {} if self.labels is None else {"labels": self.labels}
-        if self.knn is not None:
+        if self.knn is not None and self.anchor is None:  # else redrawn with each working set
             extra["knn"] = self.knn
         if self.coords is not None:
             extra["coords"] = self.coords
+        if self.anchor is not None:
+            extra["anchor"] = self.anchor
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "rng": rng, "extra": extra,
                 "state": {"epoch": self.state.epoch, "step": self.state.step,
@@ -360,6 +428,8 @@ class Trainer:
         self.knn = None if knn is None else knn.to(self.device)
         coords = sd.get("extra", {}).get("coords")
         self.coords = None if coords is None else coords.to(self.device)
+        anchor = sd.get("extra", {}).get("anchor")
+        self.anchor = None if anchor is None else anchor.cpu()
         st = sd["state"]
         self.state = TrainState(st["epoch"], st["step"], list(st["history"]))
 
