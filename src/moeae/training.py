@@ -161,7 +161,7 @@ class Trainer:
                 self.model.scale.copy_(scale.clamp_min(1e-12))
         W = self.working_size(data.n)
         if W < data.n:
-            self.anchor = torch.as_tensor(data.anchor(W, self.seeds))  # (M, W)
+            self.anchor = torch.as_tensor(data.anchor(W))  # (M, W)
             Xa = data.gather(self.anchor.numpy())
         else:
             self.anchor = None
