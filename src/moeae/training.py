@@ -137,8 +137,9 @@ class Trainer:
     def data(self, X) -> TrainingData:
         """``X`` as :class:`TrainingData` of this population (tensors (M, n, d) per model, or
         one array (n, d), possibly memory-mapped, shared by all models)."""
-        return X if isinstance(X, TrainingData) else TrainingData(X, self.model.n_models,
-                                                                  self.device)
+        if isinstance(X, TrainingData):
+            return X
+        return TrainingData(X, self.model.n_models, self.device, self.model.shift.dtype)
 
     def working_size(self, n: int) -> int:
         """Points per epoch: all ``n`` up to ``cfg.working_set``, else that many."""
@@ -174,12 +175,12 @@ class Trainer:
                                     coordinates=self.cfg.latent_init > 0, cache=shared)
                       for m, (c, s) in enumerate(zip(self.model.counts, self.seeds))]
             labels = [np.pad(lab, ((0, 0), (0, E - lab.shape[1]))) for lab, _ in starts]
-            self.labels = torch.as_tensor(np.stack(labels), dtype=torch.float32,
-                                          device=self.device)
+            dtype = self.model.shift.dtype
+            self.labels = torch.as_tensor(np.stack(labels), dtype=dtype, device=self.device)
             if self.cfg.latent_init > 0:
                 coords = [np.pad(c, ((0, 0), (0, E - c.shape[1]), (0, 0)),
                                  constant_values=np.nan) for _, c in starts]
-                self.coords = torch.as_tensor(np.stack(coords), dtype=torch.float32,
+                self.coords = torch.as_tensor(np.stack(coords), dtype=dtype,
                                               device=self.device)
         if self.relabels and W == data.n:  # else neighbours of each epoch's working set
             self.knn = self.neighbours(Xa)

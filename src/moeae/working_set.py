@@ -49,8 +49,12 @@ def _file_rows(X) -> tuple[str, int] | None:
     return name, start + X.ctypes.data - base
 
 
-def read_rows(X, idx: np.ndarray) -> np.ndarray:
-    """Rows ``idx`` of X (n, d) as float32 (len(idx), d).
+def _np(dtype: torch.dtype):
+    return np.float64 if dtype == torch.float64 else np.float32
+
+
+def read_rows(X, idx: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Rows ``idx`` of X (n, d) as ``dtype`` (len(idx), d).
 
     Rows of a memory-mapped file are read with ``os.pread``, not through the mapping: a read
     fault maps a whole folio of the page cache around the row (here about 1 MB: 300 random
@@ -59,7 +63,7 @@ def read_rows(X, idx: np.ndarray) -> np.ndarray:
     their pages released after each block."""
     import os
 
-    out = np.empty((len(idx), X.shape[1]), dtype=np.float32)
+    out = np.empty((len(idx), X.shape[1]), dtype=dtype)
     where = _file_rows(X)
     if where is None:
         for i in range(0, len(idx), READ_BLOCK):
@@ -98,10 +102,12 @@ class TrainingData:
     X : torch.Tensor (M, n, d), one data set per model, or array-like (n, d) shared by all
     n_models : int
     device : torch.device, where batches go
+    dtype : torch.dtype of the rows handed out (the model's; float32 by default)
     """
 
-    def __init__(self, X, n_models: int, device=None):
+    def __init__(self, X, n_models: int, device=None, dtype: torch.dtype = torch.float32):
         self.device = torch.device(device or "cpu")
+        self.dtype = dtype
         self.n_models = n_models
         if isinstance(X, torch.Tensor):
             if X.dim() != 3 or X.shape[0] not in (1, n_models):
@@ -119,23 +125,23 @@ class TrainingData:
         self._full: torch.Tensor | None = None
 
     def full(self) -> torch.Tensor:
-        """All points of every model, (M, n, d) float32 on the device (kept once made)."""
+        """All points of every model, (M, n, d) on the device (kept once made)."""
         if self._full is None:
             if self.tensor is not None:
-                self._full = self.tensor.to(self.device)
+                self._full = self.tensor.to(self.device, self.dtype)
             else:
-                rows = torch.from_numpy(np.array(self.array, dtype=np.float32))  # a copy
+                rows = torch.from_numpy(np.array(self.array, dtype=_np(self.dtype)))  # a copy
                 release_pages(self.array)
                 self._full = rows[None].expand(self.n_models, -1, -1).to(self.device)
         return self._full
 
     def gather(self, idx: np.ndarray) -> torch.Tensor:
-        """Rows ``idx`` (M, w) of each model's data: (M, w, d) float32 on the device."""
+        """Rows ``idx`` (M, w) of each model's data: (M, w, d) on the device."""
         if self._full is not None or self.tensor is not None:
             X = self.full()
             i = torch.as_tensor(idx, device=self.device)
             return X.gather(1, i[..., None].expand(-1, -1, self.d))  # (M, w, d)
-        rows = np.stack([read_rows(self.array, i) for i in idx])  # (M, w, d)
+        rows = np.stack([read_rows(self.array, i, _np(self.dtype)) for i in idx])  # (M, w, d)
         return torch.from_numpy(rows).to(self.device)
 
     def stats_rows(self, seeds: Sequence[int]) -> torch.Tensor:
