@@ -4,7 +4,11 @@ __version__ = "0.1.0"
 
 from . import datasets  # noqa: E402
 
-__all__ = ["MoEAutoencoder", "datasets", "__version__"]
+# Imported now, not lazily: a submodule imported later would replace the function of the same
+# name in this package. The module imports torch only when a sweep runs.
+from .sweep import sweep  # noqa: E402
+
+__all__ = ["MoEAutoencoder", "datasets", "sweep", "__version__"]
 
 
 def __getattr__(name):

@@ -152,7 +152,50 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print JSON instead of a table")
     v.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where to run the model (default: cpu)")
+    _add_sweep_parser(sub, common)
     return p
+
+
+def _add_sweep_parser(sub, common) -> None:
+    s = sub.add_parser("sweep", parents=[common], help="train every expert count x seed as "
+                       "populations: run folders, models.csv and summary.csv (several "
+                       "processes or GPUs: torchrun -m moeae sweep ...)")
+    s.add_argument("--data", required=True, help="a dataset name (each seed draws its own "
+                   "sample, as train --seed does) or a .npy/.csv file (shared by every seed)")
+    s.add_argument("--experts", type=_positive_int, nargs="+", required=True,
+                   help="the expert counts to compare, one setting each")
+    s.add_argument("--latent-dim", type=_positive_int, default=None,
+                   help="coordinates per chart (default: the dataset's dimension, else 1)")
+    s.add_argument("--seeds", type=_positive_int, default=10,
+                   help="models per setting, seeds S, S+1, ..., one start each (default: 10)")
+    s.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    s.add_argument("--recipe", choices=["best", "seed"], default="best",
+                   help="training recipe (default: best)")
+    s.add_argument("--epochs", type=_nonneg_int, default=None,
+                   help="epochs (default: the recipe's)")
+    s.add_argument("--out", required=True, help="sweep folder; rerun with the same settings "
+                   "to resume a killed sweep")
+    s.add_argument("--force", action="store_true",
+                   help="overwrite the sweep files of a non-empty --out holding another sweep")
+    s.add_argument("--population", type=_positive_int, default=10,
+                   help="models trained together as one population (default: 10); the numbers "
+                        "depend on it and not on the number of processes")
+    s.add_argument("--success-fvu", type=_positive_float, default=1e-4,
+                   help="a seed succeeds when its hard FVU is at most this (default: 1e-4)")
+    s.add_argument("--n-samples", type=_positive_int, default=1000,
+                   help="points to generate for a named dataset (default: 1000)")
+    s.add_argument("--noise", type=float, default=0.0,
+                   help="Gaussian noise sd for a named dataset (default: 0)")
+    s.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate (default: the recipe's)")
+    s.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="batch size (default: the recipe's)")
+    s.add_argument("--working-set", type=_int_at_least(2), default=None,
+                   help="points per epoch (default: the recipe's, 2000)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to train (default: auto); under torchrun, NCCL and one GPU per "
+                        "local rank on cuda, else gloo on the CPU")
+    s.add_argument("--progress", action="store_true", help="show a progress bar")
 
 
 def _load_data(spec: str, n_samples: int, noise: float, seed: int):
@@ -241,6 +284,29 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from . import distributed
+    from .sweep import format_summary, sweep
+
+    ctx = distributed.init(args.device)
+    try:
+        res = sweep(args.data, args.experts, args.seeds, seed=args.seed,
+                    latent_dim=args.latent_dim, recipe=args.recipe, epochs=args.epochs,
+                    out=args.out, n_samples=args.n_samples, noise=args.noise,
+                    population=args.population, success_fvu=args.success_fvu,
+                    force=args.force, device=args.device, progress=args.progress, context=ctx,
+                    lr=args.lr, batch_size=args.batch_size, working_set=args.working_set)
+    finally:
+        distributed.shutdown()
+    if ctx.is_main:
+        print(format_summary(res.summary, args.success_fvu))
+        t = res.timings
+        print(f"wrote {args.out}/models.csv, summary.csv, runs/: trained {len(res.trained)} of "
+              f"{len(res.models)} models ({t['populations']} populations, "
+              f"{t['processes']} process(es)) in {t['total']:.1f} s")
+    return 0
+
+
 def _stream(input_path, output_path, width_in, width_out, header, fn) -> int:
     """Apply ``fn(rows, first_row) -> rows`` to an input file chunk by chunk into an output
     written atomically: a memory-mapped .npy input of any size streams in bounded memory."""
@@ -306,7 +372,7 @@ def cmd_evaluate(args) -> int:
 
 
 COMMANDS = {"reproduce": cmd_reproduce, "train": cmd_train, "encode": cmd_encode,
-            "decode": cmd_decode, "evaluate": cmd_evaluate}
+            "decode": cmd_decode, "evaluate": cmd_evaluate, "sweep": cmd_sweep}
 
 
 def _freeze_at_exit() -> None:
@@ -341,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)  # denormal Adam moments slow CPU steps several-fold
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .distributed import DistributedError
     from .run import RunError
     from .training import DivergenceError
 
@@ -348,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "reproduce":
             return cmd_reproduce(args, figures)
         return COMMANDS[args.command](args)
-    except (DataError, RunError, CheckpointError, DivergenceError, ValueError, TypeError,
-            OSError) as exc:
+    except (DataError, RunError, CheckpointError, DivergenceError, DistributedError, ValueError,
+            TypeError, OSError) as exc:
         if args.debug:
             raise
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
