@@ -17,7 +17,7 @@ from moeae.cli import _load_data, main
 from moeae.config import recipe
 from moeae.distributed import Context, DistributedError
 from moeae.model import MoEAE
-from moeae.run import RunError, load_model, resume_run
+from moeae.run import RunError, load_model, resume_run, train_run
 from moeae.sweep import _deal, _everywhere, _plan, _Source, member_state, summarize
 from moeae.training import DivergenceError, Trainer
 
@@ -122,6 +122,22 @@ def test_a_model_cut_from_its_population_continues_as_in_it(tiny_sweep, tmp_path
     step = max(float((both[k] - before[k]).abs().max()) for k in weights)
     gap = max(float((alone[k] - both[k]).abs().max()) for k in weights)
     assert gap < step / 100, (gap, step)  # far closer than the epoch moved the weights
+
+
+def test_a_population_of_one_is_the_model_train_makes(tmp_path):
+    """The sweep measures what ``moeae train --seed s`` measures, on the same data."""
+    res = moeae.sweep("circle", 2, seed=4, out=tmp_path / "sw",
+                      **(TINY | dict(seeds=1, population=1)))
+    X, X_te, t_te, closed, info = _load_data("circle", 100, 0.0, 4)
+    mc, tc = recipe("seed", n_experts=2, latent_dim=1, epochs=2, seed=4, device="cpu")
+    train_run(tmp_path / "one", X, mc, tc, X_test=X_te, t_test=t_te, closed=closed,
+              data_info=info)
+    row = json.loads((tmp_path / "one" / "metrics.json").read_text())[-1]
+    assert res.models[0] == {"model": "e2-s4", "n_experts": 2, "latent_dim": 1, "seed": 4,
+                             "population": 0, **row}
+    a, b = (moeae.checkpoint.load_checkpoint(p / "checkpoint.safetensors")
+            for p in (tmp_path / "one", tmp_path / "sw" / "runs" / "e2-s4"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_a_killed_sweep_resumes_with_the_same_tables(tiny_sweep, tmp_path):

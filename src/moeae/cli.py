@@ -302,7 +302,7 @@ def cmd_sweep(args) -> int:
         print(format_summary(res.summary, args.success_fvu))
         t = res.timings
         print(f"wrote {args.out}/models.csv, summary.csv, runs/: trained {len(res.trained)} of "
-              f"{len(res.models)} models ({t['populations']} populations, "
+              f"{len(res.models)} models ({t['populations']} population(s) on "
               f"{t['processes']} process(es)) in {t['total']:.1f} s")
     return 0
 
