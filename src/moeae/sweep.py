@@ -18,22 +18,18 @@ onto the least loaded rank; there is no gradient exchange. Each rank writes the 
 its own models (on several machines ``out`` must be a shared filesystem), the table rows are
 gathered on every rank, and rank 0 writes the tables.
 
-Files in ``out``:
-
-- ``sweep.json``: what the sweep is (data, expert counts, seeds, configs). A rerun of the
-  same sweep resumes; a different one is refused unless forced.
-- ``runs/e{E}-s{seed}/``: a complete run folder per model (:mod:`moeae.run`), which
-  ``encode``, ``decode``, ``evaluate`` and ``train --resume`` take; its ``metrics.json`` holds
-  the final epoch's row and is written last.
-- ``models.csv``: one row per model; ``summary.csv``: one row per setting.
+Files in ``out``: ``sweep.json`` (what the sweep is: a rerun of the same sweep resumes, a
+different one is refused unless forced), ``runs/e{E}-s{seed}/`` (a complete run folder per
+model, :mod:`moeae.run`, whose ``metrics.json`` holds the final row and is written last),
+``models.csv`` (one row per model) and ``summary.csv`` (one row per setting).
 
 Resume: a model whose folder holds its final metrics row is read back, not trained again; a
 population with any other model is trained again from scratch (it is the unit of training),
 and only its missing folders are written.
 
-Only :func:`sweep` itself and the training imports torch, so ``moeae.sweep`` is this function
-from ``import moeae`` on without slowing that import down (a lazily imported submodule of the
-same name would replace the function in the package once imported).
+Torch is imported inside the functions that train, so ``import moeae`` imports this module at
+once and ``moeae.sweep`` is the function :func:`sweep` (a submodule imported later would
+replace a function of the same name in the package).
 """
 
 from __future__ import annotations
@@ -359,6 +355,25 @@ def _everywhere(ctx, fn):
     return [v for v, _ in results]
 
 
+def _check_counts(experts, seeds, population, success_fvu) -> list[int]:
+    """The expert counts as a list of ints; each bad value is a one-line error."""
+    experts = [experts] if isinstance(experts, (int, np.integer)) else list(experts)
+
+    def whole(v, low: int = 1) -> bool:
+        return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= low
+
+    for name, v in (("seeds", seeds), ("population", population)):
+        if not whole(v):
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if not experts or not all(whole(E) for E in experts):
+        raise ValueError(f"experts must be one or more integers >= 1, got {experts!r}")
+    if len(set(experts)) < len(experts):
+        raise ValueError(f"experts lists an expert count twice: {experts}")
+    if not (success_fvu > 0 and math.isfinite(success_fvu)):
+        raise ValueError(f"success_fvu must be a finite number > 0, got {success_fvu!r}")
+    return [int(E) for E in experts]
+
+
 def sweep(data, experts, seeds: int = 10, *, seed: int = 0, latent_dim: int | None = None,
           recipe: str = "best", epochs: int | None = None, out=None, n_samples: int = 1000,
           noise: float = 0.0, population: int = POPULATION, success_fvu: float = SUCCESS_FVU,
@@ -401,18 +416,7 @@ def sweep(data, experts, seeds: int = 10, *, seed: int = 0, latent_dim: int | No
         The same tables on every rank; rank 0 wrote them.
     """
     t0 = time.perf_counter()
-    experts = [experts] if isinstance(experts, (int, np.integer)) else list(experts)
-    for name, v, low in (("seeds", seeds, 1), ("population", population, 1)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-    if not experts or any(isinstance(E, bool) or not isinstance(E, (int, np.integer)) or E < 1
-                          for E in experts):
-        raise ValueError(f"experts must be one or more integers >= 1, got {experts!r}")
-    if len(set(experts)) < len(experts):
-        raise ValueError(f"experts lists an expert count twice: {experts}")
-    if not (success_fvu > 0 and math.isfinite(success_fvu)):
-        raise ValueError(f"success_fvu must be a finite number > 0, got {success_fvu!r}")
-    experts = [int(E) for E in experts]
+    experts = _check_counts(experts, seeds, population, success_fvu)
     from . import distributed
     from .run import check_configs
     from .training import resolve_device
@@ -428,10 +432,8 @@ def sweep(data, experts, seeds: int = 10, *, seed: int = 0, latent_dim: int | No
         check_configs(dataclasses.replace(model_cfg, n_experts=E), train_cfg, n, d)
     plan = _plan(experts, list(range(seed, seed + seeds)), population)
     configs = to_dict(model_cfg, train_cfg)
-    for key in ("n_experts",):
-        configs["model"].pop(key)
-    for key in ("seed", "device"):  # listed below / free to change between runs
-        configs["train"].pop(key)
+    del configs["model"]["n_experts"], configs["train"]["seed"]  # listed in the manifest
+    del configs["train"]["device"]  # free to change between runs
     manifest = {"format": FORMAT, "data": source.identity(), "experts": experts,
                 "seeds": [seed + i for i in range(seeds)], "population": population,
                 "config": configs}
