@@ -223,22 +223,31 @@ def cmd_reproduce(args, figures=None) -> int:
 
 def cmd_train(args) -> int:
     from .config import recipe
+    from .distributed import init, shutdown
     from .run import resume_run, train_run
 
-    if args.resume:
-        tr = resume_run(args.resume, args.epochs, progress=args.progress)
-        print(f"resumed {args.resume}: {tr.state.epoch} epochs, {tr.state.step} steps")
+    ctx = init(args.device)  # under torchrun: join the other ranks (one model, data-parallel)
+    try:
+        if args.resume:
+            tr = resume_run(args.resume, args.epochs, progress=args.progress, ctx=ctx)
+            if ctx.is_main:
+                print(f"resumed {args.resume}: {tr.state.epoch} epochs, {tr.state.step} steps")
+            return 0
+        X, X_te, t_te, closed, info = _load_data(args.data, args.n_samples, args.noise,
+                                                 args.seed)
+        latent = args.latent_dim or info.get("manifold_dim", 1)
+        mc, tc = recipe(args.recipe, n_experts=args.experts, latent_dim=latent,
+                        epochs=args.epochs, seed=args.seed, lr=args.lr,
+                        batch_size=args.batch_size, grad_clip=args.grad_clip,
+                        working_set=args.working_set, device=args.device)
+        tr = train_run(args.out, X, mc, tc, X_test=X_te, t_test=t_te, closed=closed,
+                       data_info=info, force=args.force, progress=args.progress, ctx=ctx)
+        if ctx.is_main:
+            ranks = f" on {ctx.world_size} ranks" if ctx.active else ""
+            print(f"trained {args.out}{ranks}: {tr.state.epoch} epochs, {tr.state.step} steps")
         return 0
-    X, X_te, t_te, closed, info = _load_data(args.data, args.n_samples, args.noise, args.seed)
-    latent = args.latent_dim or info.get("manifold_dim", 1)
-    mc, tc = recipe(args.recipe, n_experts=args.experts, latent_dim=latent, epochs=args.epochs,
-                    seed=args.seed, lr=args.lr, batch_size=args.batch_size,
-                    grad_clip=args.grad_clip, working_set=args.working_set,
-                    device=args.device)
-    tr = train_run(args.out, X, mc, tc, X_test=X_te, t_test=t_te, closed=closed,
-                   data_info=info, force=args.force, progress=args.progress)
-    print(f"trained {args.out}: {tr.state.epoch} epochs, {tr.state.step} steps")
-    return 0
+    finally:
+        shutdown()
 
 
 def _stream(input_path, output_path, width_in, width_out, header, fn) -> int:
@@ -336,20 +345,33 @@ def main(argv: list[str] | None = None) -> int:
         # threads collapse, so every core is used whatever the load
         args.threads = os.cpu_count() or 1
     else:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # processes torchrun started here
+        if args.threads == "auto" and local > 1:  # the cores shared among them
+            args.threads = max(1, (os.cpu_count() or 1) // local)
         args.threads = resolve_threads(args.threads)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormal Adam moments slow CPU steps several-fold
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .distributed import DistributedError, launched
     from .run import RunError
     from .training import DivergenceError
+
+    if launched():  # torchrun stops the other ranks with SIGTERM when one of them fails
+        import signal
+
+        def stopped(signum, frame):
+            raise DistributedError("stopped by the launcher: another process of this job "
+                                   "failed (its rank and cause are in the launcher's report)")
+
+        signal.signal(signal.SIGTERM, stopped)
 
     try:
         if args.command == "reproduce":
             return cmd_reproduce(args, figures)
         return COMMANDS[args.command](args)
-    except (DataError, RunError, CheckpointError, DivergenceError, ValueError, TypeError,
-            OSError) as exc:
+    except (DataError, RunError, CheckpointError, DivergenceError, DistributedError, ValueError,
+            TypeError, OSError) as exc:
         if args.debug:
             raise
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

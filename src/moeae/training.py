@@ -36,6 +36,8 @@ import torch
 
 from .atlas import initial_atlas
 from .config import TrainConfig
+from .data_parallel import DataParallel
+from .distributed import SINGLE, Context, DistributedError
 from .layers import DropoutMasks
 from .model import MoEAE
 from .neighbors import kneighbors
@@ -73,25 +75,30 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _batch_mean(t: torch.Tensor) -> torch.Tensor:
+    return t.mean(1)  # (M, B, ...) -> (M, ...)
+
+
 class LossTerms:
-    """Per-model loss terms, each of shape (M,)."""
+    """Per-model loss terms, each of shape (M,). ``mean`` averages over the batch (dim 1); under
+    data parallelism it is the mean over every rank's part of the batch."""
 
     @staticmethod
     def reconstruction(x_hat, x, scale):
         return (((x_hat - x) / scale) ** 2).mean(dim=(1, 2))  # MSE in normalised units
 
     @staticmethod
-    def router_mean_logits(logits, valid):
+    def router_mean_logits(logits, valid, mean=_batch_mean):
         # The seed's "router loss": MSE(mean over the batch of the logits, 0), valid experts only.
-        mean = torch.where(valid[:, None, :], logits, 0.0).mean(dim=1)  # (M, E)
-        return (mean**2).sum(-1) / valid.sum(-1)
+        m = mean(torch.where(valid[:, None, :], logits, 0.0))  # (M, E)
+        return (m**2).sum(-1) / valid.sum(-1)
 
     @staticmethod
-    def load_balance(probs, valid):
+    def load_balance(probs, valid, mean=_batch_mean):
         # Switch Transformer (Fedus et al. 2021, eq. 4): E * sum_e f_e P_e, minimal when uniform.
         E = valid.sum(-1).to(probs.dtype)  # (M,)
         top = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
-        return E * (top.mean(1) * probs.mean(1)).sum(-1)
+        return E * (mean(top) * mean(probs)).sum(-1)
 
 
 @dataclass
@@ -110,15 +117,22 @@ class Trainer:
     cfg : TrainConfig
     seeds : sequence of int, one per model
     device : torch.device
+    ctx : moeae.distributed.Context, optional
+        Under ``torchrun``: the ranks that train this population data-parallel.
     """
 
-    def __init__(self, model: MoEAE, cfg: TrainConfig, seeds: Sequence[int], device=None):
+    def __init__(self, model: MoEAE, cfg: TrainConfig, seeds: Sequence[int], device=None,
+                 ctx: Context | None = None):
         if len(seeds) != model.n_models:
             raise ValueError(f"need {model.n_models} seeds, got {len(seeds)}")
         self.cfg = cfg
         self.seeds = [int(s) for s in seeds]
-        self.device = torch.device(device or "cpu")
+        self.ctx = ctx or SINGLE
+        self.device = torch.device(self.ctx.device if self.ctx.active else (device or "cpu"))
         self.model = model.to(self.device)
+        # under torchrun: each rank takes part of every batch (moeae.data_parallel)
+        self.parallel = DataParallel(self.ctx, self.model) if self.ctx.active else None
+        self.forward_model = self.model if self.parallel is None else self.parallel.module
         self.state = TrainState()
         # One stream per model for shuffling (CPU) and one for dropout (on the device).
         self.shuffle_gens = [torch.Generator().manual_seed(s + 7919) for s in self.seeds]
@@ -184,6 +198,9 @@ class Trainer:
                                               device=self.device)
         if self.relabels and W == data.n:  # else neighbours of each epoch's working set
             self.knn = self.neighbours(Xa)
+        for t in (self.labels, self.coords):  # every rank starts from rank 0's atlas
+            if t is not None:
+                self.ctx.broadcast_(t)
 
     @property
     def relabels(self) -> bool:
@@ -197,7 +214,8 @@ class Trainer:
         k = min(self.cfg.relabel_neighbors, X.shape[1])
         src = X if X.device.type != "cpu" else X.numpy()
         knn = [kneighbors(x, k)[1] for x in src]
-        return torch.as_tensor(np.stack(knn), device=self.device)  # (M, n, k)
+        knn = torch.as_tensor(np.stack(knn), device=self.device)  # (M, n, k)
+        return self.ctx.broadcast_(knn)  # the same lists on every rank
 
     @torch.no_grad()
     def relabel(self, X: torch.Tensor, progress: float) -> None:
@@ -209,17 +227,22 @@ class Trainer:
         was = m.training
         m.eval()
         valid = m.active[:, None, :]  # (M, 1, E)
-        errs = []
-        for i in range(0, X.shape[1], EVAL_CHUNK):
-            xb = X[:, i:i + EVAL_CHUNK]
+        M, n = X.shape[:2]
+        err = X.new_zeros((M, n, valid.shape[-1]))  # (M, n, E)
+        part = slice(0, n) if self.parallel is None else self.parallel.part(n)
+        for i in range(part.start, part.stop, EVAL_CHUNK):  # this rank's part of the points
+            xb = X[:, i:min(i + EVAL_CHUNK, part.stop)]
             y = m.padded(m(xb).expert_outputs)  # (M, E, b, d)
-            errs.append((((y - xb[:, None]) / m.scale[:, None]) ** 2).mean(-1).transpose(1, 2))
+            err[:, i:i + xb.shape[1]] = (((y - xb[:, None]) / m.scale[:, None]) ** 2
+                                         ).mean(-1).transpose(1, 2)
         m.train(was)
-        err = torch.cat(errs, 1).masked_fill(~valid, float("inf"))  # (M, n, E)
+        if self.parallel is not None:
+            self.parallel.sum_(err)  # each point's errors from the rank that computed them
+        err = err.masked_fill(~valid, float("inf"))
         ref = torch.where(valid, err, 0.0).sum((1, 2)) / (valid.sum((1, 2)) * err.shape[1])
         tau = self.tau(progress) * ref.clamp_min(1e-12)[:, None, None]  # (M, 1, 1)
         r = torch.softmax(-err / tau, dim=-1)  # (M, n, E)
-        M, n, k = self.knn.shape
+        k = self.knn.shape[-1]
         E = r.shape[-1]
         idx = self.knn.reshape(M, n * k, 1).expand(-1, -1, E)
         r = r.gather(1, idx).view(M, n, k, E).mean(2)  # (M, n, E)
@@ -248,14 +271,18 @@ class Trainer:
         ``coords`` (M, B, E, k), NaN where unknown: target chart coordinates (warm start).
         """
         m = self.model
-        out = m(x, self.dropout if m.training else None)
+        out = self.forward_model(x, self.dropout if m.training else None)
         valid = m.active
+        bmean = self.batch_mean
         if self.cfg.routing == "soft":
-            rec = LossTerms.reconstruction(out.x_hat, x, m.scale)
+            if self.parallel is None:
+                rec = LossTerms.reconstruction(out.x_hat, x, m.scale)
+            else:
+                rec = bmean(((out.x_hat - x) / m.scale) ** 2).mean(-1)  # normalised MSE (M,)
             terms = {"reconstruction": rec}
             loss = rec
             if self.cfg.router_loss_weight:
-                rl = LossTerms.router_mean_logits(out.logits, valid)
+                rl = LossTerms.router_mean_logits(out.logits, valid, bmean)
                 terms["router"] = rl
                 loss = loss + self.cfg.router_loss_weight * rl
         else:
@@ -267,7 +294,7 @@ class Trainer:
                 else:
                     e = err.masked_fill(~valid[:, None, :], float("inf"))
                     ref = torch.where(valid[:, None, :], e, 0.0).sum(-1) / valid.sum(-1)[:, None]
-                    t = self.tau(progress) * ref.mean(-1)[:, None, None].clamp_min(1e-12)
+                    t = self.tau(progress) * bmean(ref)[:, None, None].clamp_min(1e-12)
                     target = torch.softmax(-e / t, dim=-1)  # (M, B, E)
                 if warm:
                     weight = labels
@@ -276,22 +303,37 @@ class Trainer:
                 else:
                     weight = out.probs.detach()
             logp = torch.log_softmax(out.logits, -1).masked_fill(~valid[:, None, :], 0.0)
-            router = -(target * logp).sum(-1).mean(-1)  # cross-entropy (M,)
-            expert = (weight * err.masked_fill(~valid[:, None, :], 0.0)).sum(-1).mean(-1)
+            router = bmean(-(target * logp).sum(-1))  # cross-entropy (M,)
+            expert = bmean((weight * err.masked_fill(~valid[:, None, :], 0.0)).sum(-1))
             terms = {"expert": expert, "router": router}
             loss = expert + router
             if coords is not None:
                 z = m.padded(out.latents).transpose(1, 2)  # (M, B, E, k)
                 known = ~coords.isnan()
                 sq = torch.where(known, z - coords.nan_to_num(0.0), 0.0) ** 2
-                lat = sq.sum((1, 2, 3)) / known.sum((1, 2, 3)).clamp_min(1)
+                if self.parallel is None:
+                    lat = sq.sum((1, 2, 3)) / known.sum((1, 2, 3)).clamp_min(1)
+                else:
+                    lat = self.batch_sum(sq.sum((2, 3))) / self.batch_sum(
+                        known.sum((2, 3)).to(sq.dtype)).clamp_min(1)
                 terms["coordinates"] = lat
                 loss = loss + self.cfg.latent_init * lat
         if self.cfg.balance_weight:
-            bal = LossTerms.load_balance(out.probs, valid)
+            bal = LossTerms.load_balance(out.probs, valid, bmean)
             terms["balance"] = bal
             loss = loss + self.cfg.balance_weight * bal
         return loss, terms
+
+    def batch_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch (dim 1) of (M, B, ...): under data parallelism, over every
+        rank's part of it (a sum reduced across ranks, gradients included)."""
+        if self.parallel is None:
+            return t.mean(1)
+        return self.parallel.sum(t.sum(1)) / self.parallel.global_batch
+
+    def batch_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the batch (dim 1), across ranks under data parallelism."""
+        return t.sum(1) if self.parallel is None else self.parallel.sum(t.sum(1))
 
     def _clip_(self) -> None:
         """Clip each model's global gradient norm separately (models stay independent)."""
@@ -342,9 +384,8 @@ class Trainer:
         ``X``: a tensor (M, n, d), an array (n, d) shared by all models (an ``np.memmap`` is
         read a working set at a time) or :class:`TrainingData`. Each epoch is one pass over a
         working set of ``min(n, cfg.working_set)`` points (:mod:`moeae.working_set`)."""
-        cfg, m, st = self.cfg, self.model, self.state
+        cfg, st = self.cfg, self.state
         data = self.data(X)
-        M, d = m.n_models, data.d
         steps_per_epoch = math.ceil(self.working_size(data.n) / cfg.batch_size)
         total = epochs * steps_per_epoch
         bar = None
@@ -352,42 +393,16 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=epochs, initial=st.epoch, unit="epoch", desc="training")
         for epoch in range(st.epoch, epochs):
-            m.train()
-            Xe, perm, warm = self._epoch_data(data, epoch, epoch / max(1, epochs))
-            running = torch.zeros(M, device=self.device)
-            # the first step of this epoch whose loss was not finite, per model (0: none); kept
-            # on the device and read once per epoch, so steps never wait for the host
-            first_bad = torch.zeros(M, dtype=torch.long, device=self.device)
-            for s in range(steps_per_epoch):
-                idx = perm[:, s * cfg.batch_size:(s + 1) * cfg.batch_size]  # (M, b)
-                xb = Xe.gather(1, idx[..., None].expand(-1, -1, d))  # (M, b, d)
-                if cfg.input_noise > 0:  # each model's noise from its own stream
-                    noise = torch.cat([torch.randn((1,) + xb.shape[1:], generator=g,
-                                                   device=self.device)
-                                       for g in self.dropout_gens])
-                    xb = xb + cfg.input_noise * m.scale * noise
-                lb = None if self.labels is None or not warm else self.labels.gather(
-                    1, idx[..., None].expand(-1, -1, self.labels.shape[-1]))  # (M, b, E)
-                cb = None
-                if self.coords is not None and epoch < cfg.warm_start_epochs:
-                    E, k = self.coords.shape[2:]
-                    cb = self.coords.gather(1, idx[..., None, None].expand(-1, -1, E, k))
-                self.optimizer.lr = cfg.lr * self.lr_factor(st.step, total, steps_per_epoch)
-                loss, _ = self.loss(xb, lb, st.step / max(1, total), warm, cb)
-                first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), s + 1,
-                                        first_bad)
-                self.optimizer.zero_grad()
-                loss.sum().backward()  # models are independent: d(sum)/d(theta_m) = dL_m/d(theta_m)
-                if cfg.grad_clip:
-                    self._clip_()
-                self.optimizer.step()
-                running += loss.detach()
-                st.step += 1
-            if bool((first_bad > 0).any()):
-                bad = torch.nonzero(first_bad).flatten().tolist()
-                raise DivergenceError(epoch + 1, int(first_bad[first_bad > 0].min()), bad)
-            st.epoch = epoch + 1
-            st.history.append((running / steps_per_epoch).tolist())
+            try:
+                self._epoch(data, epoch, epochs, steps_per_epoch, total)
+            except RuntimeError as exc:
+                if self.parallel is None or isinstance(exc, (DistributedError,
+                                                             DivergenceError)):
+                    raise
+                # a collective failed: a peer process died or fell silent
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise DistributedError(f"rank {self.ctx.rank}: a peer process failed or "
+                                       f"timed out ({first[:200]})") from exc
             if bar is not None:
                 bar.set_postfix(loss=f"{float(np.mean(st.history[-1])):.3g}")
                 bar.update(1)
@@ -396,6 +411,52 @@ class Trainer:
         if bar is not None:
             bar.close()
         return st
+
+    def _epoch(self, data: TrainingData, epoch: int, epochs: int, steps_per_epoch: int,
+               total: int) -> None:
+        """One pass over this epoch's working set."""
+        cfg, m, st = self.cfg, self.model, self.state
+        M, d = m.n_models, data.d
+        m.train()
+        Xe, perm, warm = self._epoch_data(data, epoch, epoch / max(1, epochs))
+        running = torch.zeros(M, device=self.device)
+        # the first step of this epoch whose loss was not finite, per model (0: none); kept
+        # on the device and read once per epoch, so steps never wait for the host
+        first_bad = torch.zeros(M, dtype=torch.long, device=self.device)
+        for s in range(steps_per_epoch):
+            idx = perm[:, s * cfg.batch_size:(s + 1) * cfg.batch_size]  # (M, b)
+            if self.parallel is not None:
+                idx = self.parallel.shard(idx)  # this rank's part of the batch
+            xb = Xe.gather(1, idx[..., None].expand(-1, -1, d))  # (M, b, d)
+            if cfg.input_noise > 0:  # each model's noise from its own stream
+                noise = torch.cat([torch.randn((1,) + xb.shape[1:], generator=g,
+                                               device=self.device)
+                                   for g in self.dropout_gens])
+                xb = xb + cfg.input_noise * m.scale * noise
+            lb = None if self.labels is None or not warm else self.labels.gather(
+                1, idx[..., None].expand(-1, -1, self.labels.shape[-1]))  # (M, b, E)
+            cb = None
+            if self.coords is not None and epoch < cfg.warm_start_epochs:
+                E, k = self.coords.shape[2:]
+                cb = self.coords.gather(1, idx[..., None, None].expand(-1, -1, E, k))
+            self.optimizer.lr = cfg.lr * self.lr_factor(st.step, total, steps_per_epoch)
+            loss, _ = self.loss(xb, lb, st.step / max(1, total), warm, cb)
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), s + 1,
+                                    first_bad)
+            self.optimizer.zero_grad()
+            loss.sum().backward()  # models are independent: d(sum)/d(theta_m) = dL_m/d(theta_m)
+            if cfg.grad_clip:
+                self._clip_()
+            self.optimizer.step()
+            running += loss.detach()
+            st.step += 1
+        if self.parallel is not None:
+            self.ctx.all_reduce_(first_bad, "max")  # every rank stops together
+        if bool((first_bad > 0).any()):
+            bad = torch.nonzero(first_bad).flatten().tolist()
+            raise DivergenceError(epoch + 1, int(first_bad[first_bad > 0].min()), bad)
+        st.epoch = epoch + 1
+        st.history.append((running / steps_per_epoch).tolist())
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
