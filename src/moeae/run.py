@@ -362,8 +362,8 @@ def decode(model: MoEAE, codes: np.ndarray, chunk: int = CODE_CHUNK,
     device, dtype = model.shift.device, model.shift.dtype
     out = np.empty((len(codes), model.cfg.n_features))
     for i in range(0, len(codes), chunk):
-        c = torch.as_tensor(chart[i:i + chunk].astype(np.int64), device=device)[None]
-        z = torch.as_tensor(codes[i:i + chunk, 1:], dtype=dtype, device=device)[None]
+        c = torch.tensor(chart[i:i + chunk].astype(np.int64), device=device)[None]
+        z = torch.tensor(codes[i:i + chunk, 1:], dtype=dtype, device=device)[None]  # a copy
         out[i:i + chunk] = model.decode(c, z)[0].double().cpu().numpy()
     return out
 
