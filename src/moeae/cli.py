@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -297,6 +298,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("train --resume takes the run folder; do not also give --out/--data")
         if not args.resume and not (args.data and args.out):
             parser.error("train needs --data and --out (or --resume RUN_DIR)")
+    with warnings.catch_warnings():
+        if not args.debug:
+            # a library's RuntimeWarning or DeprecationWarning is noise on a command line whose
+            # errors are one line each; --debug shows them
+            warnings.simplefilter("ignore")
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     figures = None
     if args.command == "reproduce" and not args.no_figures:
         figures = figure_worker()  # before torch: it imports matplotlib meanwhile

@@ -29,6 +29,7 @@ from .checkpoint import (
     write_json,
 )
 from .config import ModelConfig, TrainConfig, from_dict, to_dict
+from .data import check_trainable
 from .metrics import snapshot_metrics
 from .model import MoEAE
 from .training import Trainer, evaluate, resolve_device
@@ -143,6 +144,9 @@ def train_run(run_dir, X: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainCo
     X = np.asarray(X, dtype=np.float64)
     model_cfg = dataclasses.replace(model_cfg, n_features=X.shape[1])
     check_configs(model_cfg, train_cfg, *X.shape)
+    info = data_info or {}
+    check_trainable(X, str(info.get("file") or info.get("name") or "X"),
+                 n_charts=model_cfg.n_experts)
     device = resolve_device(train_cfg.device)
     _prepare_dir(run_dir, force)
     config = to_dict(model_cfg, train_cfg, data=data_info or {}, closed=closed)
