@@ -169,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", help="a dataset name or .npy/.csv file (default: the run's own "
                    "test set)")
     v.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    g = sub.add_parser("plot", parents=[common], help="draw a run: its hard reconstruction "
+                       "coloured by chart, each chart's coordinate, the training loss")
+    g.add_argument("run", help="run folder")
+    g.add_argument("--data", help="a dataset name or .npy/.csv file to draw (default: the run's "
+                   "own test set)")
+    g.add_argument("--out", help="figure to write: .png, .pdf or .svg (default: "
+                   "RUN_DIR/plot.png)")
     return p
 
 
@@ -304,26 +312,45 @@ def cmd_decode(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
+def _data_for_run(run: str, spec: str):
+    """(X, t, closed) of ``--data`` for a trained run: a dataset's test set (seeded apart from
+    the run's own data) or a file, checked against the model's width."""
     from .data import DataError
-    from .run import evaluate_run, load_model
+    from .run import load_model
+
+    model, config = load_model(run)
+    seed = int(config.get("data", {}).get("random_state", 0)) + 2
+    X, X_te, t, closed, _ = _load_data(spec, 1000, 0.0, seed)
+    if X_te is not None:
+        X = X_te
+    if X.shape[1] != model.cfg.n_features:
+        raise DataError(f"{spec}: has {X.shape[1]} features but the model expects "
+                        f"{model.cfg.n_features}")
+    return X, t, closed
+
+
+def cmd_evaluate(args) -> int:
+    from .run import evaluate_run
 
     X = t = closed = None
     if args.data:
-        model, config = load_model(args.run)
-        seed = int(config.get("data", {}).get("random_state", 0)) + 2
-        X, X_te, t, closed, _ = _load_data(args.data, 1000, 0.0, seed)
-        if X_te is not None:
-            X = X_te
-        if X.shape[1] != model.cfg.n_features:
-            raise DataError(f"{args.data}: has {X.shape[1]} features but the model expects "
-                            f"{model.cfg.n_features}")
+        X, t, closed = _data_for_run(args.run, args.data)
     _print_metrics(evaluate_run(args.run, X, t, closed), args.json)
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .plot import plot_run
+
+    X = t = None
+    if args.data:
+        X, t, _ = _data_for_run(args.run, args.data)
+    print(f"wrote {plot_run(args.run, args.out, X=X, t=t)}")
+    return 0
+
+
 COMMANDS = {"reproduce": cmd_reproduce, "train": cmd_train, "encode": cmd_encode,
-            "decode": cmd_decode, "evaluate": cmd_evaluate}
+            "decode": cmd_decode, "evaluate": cmd_evaluate, "plot": cmd_plot}
 
 
 def _freeze_at_exit() -> None:
