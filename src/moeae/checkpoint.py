@@ -103,7 +103,8 @@ def save_npz(path, arrays: dict[str, np.ndarray]) -> None:
     import io
 
     buf = io.BytesIO()
-    np.savez_compressed(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    plain: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}
+    np.savez_compressed(buf, **plain)
     atomic_write_bytes(path, buf.getvalue())
 
 

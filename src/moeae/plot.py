@@ -25,7 +25,7 @@ import json
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -42,8 +42,9 @@ FORMATS = ("png", "pdf", "svg")  # figure files by suffix
 
 _LINE_STRIDE = 10  # a grey line from every 10th input to its reconstruction, as the reference
 # matplotlib's candidate order for loc="best" (codes 1 to 10, less "right" = "center right")
-_BEST_ORDER = ("upper right", "upper left", "lower left", "lower right", "center right",
-               "center left", "lower center", "upper center", "center")
+_Loc = Literal["upper right", "upper left", "lower left", "lower right", "center right",
+               "center left", "lower center", "upper center", "center"]
+_BEST_ORDER: tuple[_Loc, ...] = get_args(_Loc)
 
 
 def _projector(inputs: np.ndarray):
@@ -114,7 +115,7 @@ def _draw_panel(ax, snap: dict, reconstruction: str = "x_soft", title: str = "",
     if dim == 2:
         segments = np.stack([inp[::_LINE_STRIDE], rec[::_LINE_STRIDE]], axis=1)  # (m, 2, 2)
         # zorder 2 puts the lines above the points, as plt.plot did in the reference.
-        ax.add_collection(LineCollection(segments, colors="black", alpha=0.1, zorder=2))
+        ax.add_collection(LineCollection(list(segments), colors="black", alpha=0.1, zorder=2))
         ax.set_aspect("equal")
         # at most ~3 ticks per axis: tick labels are most of a panel's drawing time (the 20-panel
         # epochs grid: ~2.0 s of CPU against ~2.5-3.0 s with matplotlib's default ticks)
@@ -135,26 +136,26 @@ def _place_legends(fig: Figure) -> None:
     loc="best" does the same search, but re-collects every point as a list of rows for each of
     the 9 candidates on every layout and draw pass (~25 ms a panel); this runs once, vectorised.
     """
-    renderer = fig.canvas.get_renderer()
+    renderer = cast(FigureCanvasAgg, fig.canvas).get_renderer()
     for ax in fig.axes:
         leg = ax.get_legend()
         if leg is None or ax.name == "3d":
             continue
         ax.apply_aspect()  # the final axes box, as drawn
-        pts = [c.get_offset_transform().transform(c.get_offsets())
-               for c in ax.collections if isinstance(c, PathCollection)]
-        pts = np.concatenate(pts) if pts else np.zeros((0, 2))
+        offsets = [c.get_offset_transform().transform(c.get_offsets())
+                   for c in ax.collections if isinstance(c, PathCollection)]
+        pts = np.concatenate(offsets) if offsets else np.zeros((0, 2))
         w, h = leg.get_window_extent(renderer).size
         pad = leg.borderaxespad * renderer.points_to_pixels(leg.prop.get_size_in_points())
         x0, y0, x1, y1 = ax.bbox.padded(-pad).extents
         xs = {"left": x0, "center": (x0 + x1 - w) / 2, "right": x1 - w}
         ys = {"lower": y0, "center": (y0 + y1 - h) / 2, "upper": y1 - h}
-        best, best_count = None, np.inf
+        best, best_count = _BEST_ORDER[0], len(pts) + 1
         for loc in _BEST_ORDER:
             vert, _, horiz = loc.rpartition(" ")
             x, y = xs[horiz], ys[vert or "center"]
-            count = np.count_nonzero((pts[:, 0] > x) & (pts[:, 0] < x + w)
-                                     & (pts[:, 1] > y) & (pts[:, 1] < y + h))
+            count = int(np.count_nonzero((pts[:, 0] > x) & (pts[:, 0] < x + w)
+                                     & (pts[:, 1] > y) & (pts[:, 1] < y + h)))
             if count < best_count:
                 best, best_count = loc, count
             if count == 0:
@@ -162,7 +163,7 @@ def _place_legends(fig: Figure) -> None:
         if hasattr(leg, "set_loc"):
             leg.set_loc(best)
         else:  # matplotlib 3.7
-            leg._loc = leg.codes[best]
+            leg._loc = leg.codes[best]  # type: ignore[attr-defined]  # private before 3.8
 
 
 # left, right, bottom, top margins and the gaps between panels, in inches
@@ -174,7 +175,9 @@ def _fixed_layout(fig: Figure, margins: tuple[float, ...] = _MARGINS) -> None:
     """Margins in inches for tick labels and titles, instead of a tight layout: measuring
     every tick label's extent took 1.7 s of the 20-panel figure's 6.6 s."""
     W, H = fig.get_size_inches()
-    rows, cols = fig.axes[0].get_subplotspec().get_gridspec().get_geometry()
+    spec = fig.axes[0].get_subplotspec()
+    assert spec is not None, "figures here are grids of subplots"
+    rows, cols = spec.get_gridspec().get_geometry()
     left, right, bottom, top, gap_w, gap_h = margins
     panel_w = (W - left - right - gap_w * (cols - 1)) / cols
     panel_h = (H - bottom - top - gap_h * (rows - 1)) / rows
@@ -197,8 +200,8 @@ def _save(fig: Figure, path, margins: tuple[float, ...] = _MARGINS):
     _place_legends(fig)
     buf = io.BytesIO()
     # zlib level 1: a third of the default level's encoding time for a slightly larger file
-    fig.savefig(buf, format=fmt, dpi=100,
-                **({"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}))
+    extra: dict[str, Any] = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
+    fig.savefig(buf, format=fmt, dpi=100, **extra)
     atomic_write_bytes(path, buf.getvalue())  # an old figure stays whole if drawing fails
     return path
 
