@@ -267,6 +267,7 @@ def train_settings(args: argparse.Namespace) -> dict:
 
 def cmd_train(args) -> int:
     from .config import recipe
+    from .data import check_trainable
     from .run import resume_run, train_run
 
     if args.resume:
@@ -278,6 +279,7 @@ def cmd_train(args) -> int:
                                              st["seed"])
     st["model"].setdefault("latent_dim", info.get("manifold_dim", 1))
     mc, tc = recipe(st["recipe"], seed=st["seed"], **st["model"], **st["train"])
+    check_trainable(X, st["data"], n_charts=mc.n_experts)  # named as given (train_run: resolved)
     tr = train_run(st["out"], X, mc, tc, X_test=X_te, t_test=t_te, closed=closed,
                    data_info=info, force=args.force, progress=show_progress(args))
     print(f"trained {st['out']}: {tr.state.epoch} epochs, {tr.state.step} steps")

@@ -383,8 +383,13 @@ def plot_atlas(snapshot: dict[str, Any], path: str | PathLike,
         ax = _add_axes(fig, 1, 3, 2, snapshot)
         dots = _scatter(ax, drawn, c=z, cmap="viridis", s=6)
         _few_ticks(ax, dim)
-        cax = ax.inset_axes([1.03, 0.1, 0.03, 0.8])  # moves with the panel, unlike fig.colorbar
-        fig.colorbar(dots, cax=cax, ticks=MaxNLocator(4)).ax.tick_params(labelsize=8)
+        # an inset moves with the panel, unlike fig.colorbar; on 3-D axes the z tick labels
+        # take the right side, and the upper left corner is free
+        box, side = ([0.03, 0.92, 0.35, 0.03], "horizontal") if dim == 3 else \
+            ([1.03, 0.1, 0.03, 0.8], "vertical")
+        bar = fig.colorbar(dots, cax=ax.inset_axes(box), orientation=side,
+                           ticks=MaxNLocator(3 if dim == 3 else 4))
+        bar.ax.tick_params(labelsize=8)
         name = "z" if k == 1 else f"z0 (of {k})"
         ax.set_title(f"chart coordinate {name} on the inputs{suffix}", fontsize=10)
 
