@@ -101,6 +101,8 @@ def recipe(name: str, **overrides: Any) -> tuple[ModelConfig, TrainConfig]:
 
 
 def to_dict(model: ModelConfig, train: TrainConfig, **extra: Any) -> dict:
+    """The configs as plain dicts under ``"model"`` and ``"train"`` (what ``config.json``
+    holds), with ``extra`` keys beside them."""
     return {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train), **extra}
 
 
@@ -114,7 +116,8 @@ def from_dict(d: dict) -> tuple[ModelConfig, TrainConfig]:
 
 
 # -- settings files (``moeae train --config FILE.toml``) ------------------------------------------
-RUN_KEYS: dict[str, type] = {  # the top level of a settings file: the data and the run
+#: The top-level keys of a settings file (the data and the run) and the type of each value.
+RUN_KEYS: dict[str, type] = {
     "data": str,  # a dataset name or a .npy/.csv file
     "out": str,  # the run folder to create
     "recipe": str,  # "best" | "seed": the defaults the [model] and [train] tables override

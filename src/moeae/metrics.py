@@ -1,7 +1,7 @@
 """Metrics of an atlas: reconstruction (soft and hard), routing, and chart shape.
 
 All functions take a *snapshot* of one model on a test set (numpy arrays, see
-:meth:`moeae.training.Trainer.evaluate`): ``inputs`` (n, d), ``x_soft`` (n, d), ``x_hard``
+:func:`moeae.training.evaluate`): ``inputs`` (n, d), ``x_soft`` (n, d), ``x_hard``
 (n, d), ``chart`` (n,), ``probs`` (n, E), ``latents`` (E, n, k).
 
 - MSE: mean over points and coordinates of the squared error (the seed's measure).

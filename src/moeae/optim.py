@@ -20,7 +20,7 @@ __all__ = ["FusedAdam"]
 class FusedAdam:
     """Adam (AdamW when ``weight_decay`` > 0) with ``torch.optim.Adam``'s state-dict layout.
 
-    Set :attr:`lr` between steps to schedule the learning rate.
+    Set ``lr`` between steps to schedule the learning rate.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,

@@ -37,23 +37,25 @@ TABLE_KEYS = ["dataset", "n_experts", "epoch"]
 
 @dataclass
 class StudySpec:
-    out: Path = Path("results")  # output folder
-    recipe: str = "seed"  # "seed" | "best"
-    epochs: int | None = None  # None: the recipe's
-    seed: int = 0  # data seed and first model seed
-    seeds: int = 1  # models per configuration (seeds seed, seed+1, ...)
+    """What ``moeae reproduce`` runs, and where it writes (``timings`` is filled in)."""
+
+    out: Path = Path("results")  #: output folder
+    recipe: str = "seed"  #: "seed" | "best"
+    epochs: int | None = None  #: None: the recipe's
+    seed: int = 0  #: data seed and first model seed
+    seeds: int = 1  #: models per configuration (seeds seed, seed+1, ...)
     device: str = "auto"
     datasets: tuple[str, ...] = SEED_DATASETS
     experts: tuple[int, ...] = SEED_EXPERTS
-    n_train: int = 1000  # random training points per curve
-    n_test: int = 1000  # evenly spaced test points per curve
-    shards: int | None = None  # populations the models are split into; the numbers depend
-    #                            on it, so it is fixed: None is 2 on the CPU, 1 on a GPU
-    processes: int = 1  # CPU processes that train the shards side by side
+    n_train: int = 1000  #: random training points per curve
+    n_test: int = 1000  #: evenly spaced test points per curve
+    # the numbers depend on the split, so it is fixed by the device, not by the process count
+    shards: int | None = None  #: populations the models form (None: 2 on a CPU, 1 on a GPU)
+    processes: int = 1  #: CPU processes that train the shards side by side
     figures: bool = True
-    snapshots: bool = True  # write per-epoch snapshots of the first seed
+    snapshots: bool = True  #: write per-epoch snapshots of the first seed
     progress: bool = False
-    timings: dict = field(default_factory=dict)  # filled in: seconds per phase
+    timings: dict = field(default_factory=dict)  #: filled in: seconds per phase
 
 
 def _spread(last: int, most: int) -> list[int]:
