@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .atomic import atomic_write_bytes
+from .metrics import fvu
 
 __all__ = ["plot_atlas", "plot_estimator", "plot_run", "plot_vanilla", "plot_grid_functions",
            "plot_grid_epochs", "plot_charts"]
@@ -314,12 +315,6 @@ def plot_charts(grid: dict[tuple[str, int], dict], path: str | PathLike):
 
 
 # -- one fitted atlas (``moeae plot``) ----------------------------------------------------------
-def _fvu(inputs: np.ndarray, recon: np.ndarray) -> float:
-    """Fraction of variance unexplained: mean squared distance / total variance."""
-    total = ((inputs - inputs.mean(axis=0)) ** 2).sum(axis=1).mean()
-    return float(((inputs - recon) ** 2).sum(axis=1).mean() / max(total, 1e-300))
-
-
 def plot_atlas(snapshot: dict[str, Any], path: str | PathLike,
                loss: Sequence[float] | None = None, title: str = "atlas"):
     """Draw one fitted atlas in three panels and write it to ``path``.
@@ -366,7 +361,7 @@ def plot_atlas(snapshot: dict[str, Any], path: str | PathLike,
         ax.computed_zorder = False  # draw charts over the grey inputs, not sorted by depth
     _few_ticks(ax, dim)
     ax.set_title(f"{title}: hard reconstruction{suffix}\n"
-                 f"FVU {_fvu(inputs, snapshot['x_hard']):.2g}, {len(np.unique(chart))} charts "
+                 f"FVU {fvu(inputs, snapshot['x_hard']):.2g}, {len(np.unique(chart))} charts "
                  "used", fontsize=10)
     _legend(ax, markerscale=2, fontsize=8)
 
@@ -404,8 +399,7 @@ def plot_atlas(snapshot: dict[str, Any], path: str | PathLike,
         ax.set_xlabel("epoch")
         ax.set_title(f"training loss (last {history[-1]:.3g})", fontsize=10)
     else:
-        ax.text(0.5, 0.5, "no training history", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no training history", ha="center", transform=ax.transAxes)
         ax.set_title("training loss", fontsize=10)
     return _save(fig, path, _LABELLED_MARGINS)
 
@@ -472,8 +466,8 @@ def plot_run(run_dir: str | PathLike, path: str | PathLike | None = None, X=None
     path : str or PathLike, optional
         Figure to write (``.png``, ``.pdf`` or ``.svg``); default ``run_dir/plot.png``.
     X : array-like of shape (n_samples, n_features), optional
-        Points to draw; default the run's own test set (with its parameter ``t``), else its
-        training set.
+        Points to draw; default the run's own test set (with its parameter ``t``), else the
+        training data (or the sample of it that the run evaluates on).
     t : array-like of shape (n_samples,), optional
         The true parameter of each point of ``X``, when known.
 
@@ -487,9 +481,9 @@ def plot_run(run_dir: str | PathLike, path: str | PathLike | None = None, X=None
 
     run_dir = Path(run_dir)
     model, config = load_model(run_dir)
-    if X is None:
+    if X is None:  # the points the run evaluates on: its test set, else (a sample of) its data
         data = load_npz(run_dir / "data.npz")
-        X = data.get("X_test", data["X_train"])
+        X = next(data[k] for k in ("X_test", "X_eval", "X_train") if k in data)
         t = data.get("t_test") if t is None else t
     loss = []
     metrics = run_dir / "metrics.json"
@@ -500,8 +494,7 @@ def plot_run(run_dir: str | PathLike, path: str | PathLike | None = None, X=None
             raise RunError(f"{metrics}: unreadable metrics ({exc!r})") from None
     info = config.get("data", {})
     name = info.get("name") or Path(info.get("file", run_dir.name)).name
-    title = f"{name}, {model.cfg.n_experts} experts"
     path = Path(path) if path is not None else run_dir / "plot.png"
     return plot_atlas(_snapshot(model, np.asarray(X, dtype=np.float64), t), path, loss=loss,
-                      title=title)
+                      title=f"{name}, {model.cfg.n_experts} experts")
 
