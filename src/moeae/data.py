@@ -66,6 +66,21 @@ def check_data(X, where: str = "input", *, n_features: int | None = None,
     return X
 
 
+def _largest(X) -> float:
+    """The largest magnitude in ``X``, read in chunks (a memory map stays on disk)."""
+    return max((float(np.abs(X[i:i + _CHUNK]).max()) for i in range(0, len(X), _CHUNK)),
+               default=0.0)
+
+
+def _first_beyond(X, limit: float) -> tuple[int, int]:
+    """(row, column) of the first value of ``X`` whose magnitude exceeds ``limit``."""
+    for i in range(0, len(X), _CHUNK):
+        hit = np.argwhere(np.abs(np.asarray(X[i:i + _CHUNK])) > limit)
+        if len(hit):
+            return i + int(hit[0][0]), int(hit[0][1])
+    raise ValueError(f"no value beyond {limit}")
+
+
 def _distinct_rows(X, limit: int, dtype, chunk: int = _CHUNK) -> int:
     """The number of distinct rows of ``X`` as ``dtype``, counted up to ``limit``.
 
@@ -106,9 +121,9 @@ def check_trainable(X, where: str = "input", *, n_charts: int = 1) -> None:
     n, d = np.shape(X)
     # ((x - mean) ** 2).sum(-1) of a value up to `lim` stays below float32's maximum
     lim = 0.5 * np.sqrt(FLOAT32_MAX / d)
-    absmax = max(float(np.abs(X[i:i + _CHUNK]).max()) for i in range(0, n, _CHUNK))
+    absmax = _largest(X)
     if absmax > lim:
-        i, j = np.argwhere(np.abs(np.asarray(X)) > lim)[0]
+        i, j = _first_beyond(X, lim)
         raise DataError(f"{where}: value {X[i][j]:.3g} at row {i}, column {j} is too large to "
                         f"train on in float32: squared distances overflow above {lim:.2g} "
                         f"(largest magnitude {absmax:.3g}); rescale the data")
