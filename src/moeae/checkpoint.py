@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .atomic import atomic_write_bytes
+from .atomic import _new_file_mode, atomic_write_bytes  # noqa: F401  (moved; old imports work)
 
 __all__ = ["CheckpointError", "atomic_write_bytes", "save_checkpoint", "load_checkpoint",
            "save_npz", "load_npz", "write_json"]
