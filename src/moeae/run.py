@@ -30,6 +30,7 @@ from .checkpoint import (
     write_json,
 )
 from .config import ModelConfig, TrainConfig, from_dict, to_dict
+from .data import check_trainable
 from .distributed import SINGLE, Context
 from .metrics import snapshot_metrics
 from .model import MoEAE
@@ -163,10 +164,13 @@ def train_run(run_dir, X: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainCo
         X = np.asarray(X, dtype=np.float64)
     model_cfg = dataclasses.replace(model_cfg, n_features=X.shape[1])
     check_configs(model_cfg, train_cfg, *X.shape)
+    info = data_info or {}
+    check_trainable(X, str(info.get("file") or info.get("name") or "X"),
+                 n_charts=model_cfg.n_experts)
     device = resolve_device(train_cfg.device)
     data_info = dict(data_info or {})
     if mapped:
-        data_info.update(file=str(Path(X.filename).resolve()), shape=list(X.shape),
+        data_info.update(file=str(Path(getattr(X, "filename")).resolve()), shape=list(X.shape),
                          dtype=str(X.dtype), mapped=True)
     config = to_dict(model_cfg, train_cfg, data=data_info, closed=closed)
     arrays = {} if mapped else {"X_train": X}

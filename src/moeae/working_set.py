@@ -73,7 +73,7 @@ def read_rows(X, idx: np.ndarray, dtype=np.float32) -> np.ndarray:
     name, offset = where
     size = X.shape[1] * X.dtype.itemsize
     rows = np.empty((len(idx), X.shape[1]), dtype=X.dtype)
-    buf = memoryview(rows).cast("B")
+    buf = rows.data.cast("B")  # the rows' bytes
     fd = os.open(name, os.O_RDONLY)
     try:
         for j, i in enumerate(idx.tolist()):
