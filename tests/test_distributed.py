@@ -112,7 +112,8 @@ def test_dead_rank_ends_the_job_then_resume_completes(tmp_path):
             or "error: stopped by the launcher: another process of this job failed"
             in p.stderr), p.stderr
     assert "[rank0]: Traceback" not in p.stderr, p.stderr  # no traceback from our ranks
-    assert load_checkpoint(run / CKPT)["meta"]["state"]["epoch"] == 3  # rank 0's last write
+    # rank 0's last complete write: epoch 3, or 2 when the launcher stopped it while it wrote
+    assert load_checkpoint(run / CKPT)["meta"]["state"]["epoch"] in (2, 3)
 
     p = subprocess.run(TORCHRUN + ["-m", "moeae", "train", "--resume", str(run), "--threads",
                                    "1"], env=ENV, capture_output=True, text=True, timeout=300)

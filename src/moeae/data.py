@@ -62,9 +62,11 @@ def _check_layout(X: np.ndarray, where: str, n_features: int | None,
     return X
 
 
-def _check_values(X: np.ndarray, where: str, row0: int | None = None) -> None:
-    """NaN or inf anywhere in X is an error naming the first; ``row0``: X is the part of the
-    data starting at that row (a chunk of a file being scanned)."""
+def _check_values(X: np.ndarray, where: str, row0: int | None = None,
+                  whole=None) -> None:
+    """NaN or inf anywhere in X is an error naming the first, and so is a value beyond
+    float32; ``row0``: X is the part of the data starting at that row (a chunk of ``whole``,
+    a file being scanned)."""
     if not np.issubdtype(X.dtype, np.inexact):
         return
     bad = ~np.isfinite(X)
@@ -80,9 +82,9 @@ def _check_values(X: np.ndarray, where: str, row0: int | None = None) -> None:
     if big.any():
         i, j = np.argwhere(big)[0]
         at = f"row {i if row0 is None else row0 + i}, column {j}"
-        largest = "" if row0 is not None else f"largest magnitude {np.abs(X).max():.3g}; "
-        raise DataError(f"{where}: value {X[i, j]:.3g} at {at} overflows float32 "
-                        f"({largest}float32 holds up to {FLOAT32_MAX:.2g})")
+        largest = np.abs(X).max() if whole is None else _largest(whole)
+        raise DataError(f"{where}: value {X[i, j]:.3g} at {at} overflows float32 (largest "
+                        f"magnitude {largest:.3g}; float32 holds up to {FLOAT32_MAX:.2g})")
 
 
 def open_npy(path, *, n_features: int | None = None, min_samples: int = 1,
@@ -109,7 +111,7 @@ def open_npy(path, *, n_features: int | None = None, min_samples: int = 1,
     X = _check_layout(X, str(path), n_features, min_samples)
     if scan:
         for i in range(0, len(X), SCAN_ROWS):
-            _check_values(np.asarray(X[i:i + SCAN_ROWS]), str(path), i)
+            _check_values(np.asarray(X[i:i + SCAN_ROWS]), str(path), i, whole=X)
             release_pages(X)
     return X
 
