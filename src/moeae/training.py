@@ -139,7 +139,7 @@ class Trainer:
         self.model.reset_parameters(self.seeds)
         with torch.no_grad():
             if self.cfg.standardize:
-                S = data.stats_rows(self.seeds)
+                S = data.stats_rows()
                 shift = S.mean(dim=1, keepdim=True)  # (M, 1, d)
                 # one overall scale keeps the geometry: RMS distance to the mean
                 scale = ((S - shift) ** 2).sum(-1).mean(1).sqrt()[:, None, None]  # (M, 1, 1)
