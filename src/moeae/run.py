@@ -30,10 +30,12 @@ from .checkpoint import (
     write_json,
 )
 from .config import ModelConfig, TrainConfig, from_dict, to_dict
+from .data import check_trainable
+from .distributed import SINGLE, Context
 from .metrics import snapshot_metrics
 from .model import MoEAE
 from .training import Trainer, evaluate, resolve_device
-from .working_set import release_pages
+from .working_set import read_rows, release_pages
 
 __all__ = ["RunError", "train_run", "resume_run", "load_model", "encode", "decode",
            "evaluate_run", "RUN_FILES"]
@@ -145,8 +147,11 @@ CODE_CHUNK = 8192  # points per forward pass in encode/decode: activations stay 
 def train_run(run_dir, X: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
               X_test: np.ndarray | None = None, t_test: np.ndarray | None = None,
               closed: bool = False, data_info: dict | None = None, force: bool = False,
-              progress: bool = False) -> Trainer:
+              progress: bool = False, ctx: Context = SINGLE) -> Trainer:
     """Train one model from scratch into ``run_dir``; returns the trainer.
+
+    ``ctx``: under ``torchrun``, every rank calls this with the same arguments; they train the
+    model data-parallel and rank 0 alone writes the run folder.
 
     ``X`` may be an ``np.memmap`` (a ``.npy`` file opened with :func:`moeae.data.open_npy`):
     its rows are read a working set at a time, and the run folder records the file's path
@@ -155,34 +160,62 @@ def train_run(run_dir, X: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainCo
     """
     run_dir = Path(run_dir)
     mapped = isinstance(X, np.memmap)
+    filename = str(X.filename) if isinstance(X, np.memmap) else None
     if not mapped:
         X = np.asarray(X, dtype=np.float64)
     model_cfg = dataclasses.replace(model_cfg, n_features=X.shape[1])
     check_configs(model_cfg, train_cfg, *X.shape)
+    info = data_info or {}
+    check_trainable(X, str(info.get("file") or info.get("name") or "X"),
+                 n_charts=model_cfg.n_experts)
     device = resolve_device(train_cfg.device)
-    _prepare_dir(run_dir, force)
     data_info = dict(data_info or {})
     if mapped:
-        data_info.update(file=str(Path(X.filename).resolve()), shape=list(X.shape),
+        data_info.update(file=str(Path(str(filename)).resolve()), shape=list(X.shape),
                          dtype=str(X.dtype), mapped=True)
     config = to_dict(model_cfg, train_cfg, data=data_info, closed=closed)
-    write_json(run_dir / "config.json", config)
     arrays = {} if mapped else {"X_train": X}
     if X_test is not None:
         arrays["X_test"] = np.asarray(X_test, dtype=np.float64)
     elif mapped or len(X) > EVAL_MAX:  # a copy of a small sample, never of the whole file
         idx = np.arange(len(X)) if len(X) <= EVAL_MAX else np.sort(
             np.random.default_rng(train_cfg.seed).choice(len(X), EVAL_MAX, replace=False))
-        arrays["X_eval"] = np.asarray(X[idx], dtype=np.float64)
+        arrays["X_eval"] = read_rows(X, idx, np.float64)  # pread: no pages of a map kept
     if t_test is not None:
         arrays["t_test"] = np.asarray(t_test)
-    save_npz(run_dir / "data.npz", arrays)
-    trainer = Trainer(MoEAE(model_cfg), train_cfg, [train_cfg.seed], device)
+
+    def write_start() -> None:
+        _prepare_dir(run_dir, force)
+        write_json(run_dir / "config.json", config)
+        save_npz(run_dir / "data.npz", arrays)
+
+    on_main(ctx, write_start)
+    trainer = Trainer(MoEAE(model_cfg), train_cfg, [train_cfg.seed], device, ctx=ctx)
     trainer.initialize(X)
-    rec = _Recorder(run_dir, _eval_set(arrays, X), t_test, closed, config, [])
-    rec.checkpoint(trainer)  # epoch 0: a divergence in epoch 1 still leaves a good checkpoint
-    trainer.fit(X, train_cfg.epochs, on_epoch_end=rec, progress=progress)
+    rec = None
+    if ctx.is_main:
+        rec = _Recorder(run_dir, _eval_set(arrays, X), t_test, closed, config, [])
+        rec.checkpoint(trainer)  # epoch 0: a divergence in epoch 1 leaves a good checkpoint
+    trainer.fit(X, train_cfg.epochs, on_epoch_end=rec, progress=progress and ctx.is_main)
+    ctx.barrier()
     return trainer
+
+
+def on_main(ctx: Context, fn) -> None:
+    """Run ``fn`` on rank 0 alone; an error there is raised on every rank, so no rank waits
+    for a run folder that will never be written."""
+    err = None
+    if ctx.is_main:
+        try:
+            fn()
+        except Exception as exc:  # re-raised below, on every rank
+            err = exc
+    if ctx.active:
+        first = ctx.all_gather_object(None if err is None else str(err))[0]
+        if err is None and first is not None:
+            raise RunError(first)
+    if err is not None:
+        raise err
 
 
 def _eval_set(arrays: dict, X_train=None) -> np.ndarray:
@@ -229,7 +262,8 @@ def _read_run(run_dir: Path) -> tuple[dict, ModelConfig, TrainConfig]:
     return config, model_cfg, train_cfg
 
 
-def resume_run(run_dir, epochs: int | None = None, progress: bool = False) -> Trainer:
+def resume_run(run_dir, epochs: int | None = None, progress: bool = False,
+               ctx: Context = SINGLE) -> Trainer:
     """Continue a run from its last complete checkpoint to ``epochs`` total epochs (default:
     the planned number). Schedules run over the plan in config.json, so a resume that keeps
     the plan is bit-identical to an uninterrupted run; one that extends it is bit-identical
@@ -244,7 +278,7 @@ def resume_run(run_dir, epochs: int | None = None, progress: bool = False) -> Tr
         train_cfg.epochs = epochs
         config["train"]["epochs"] = epochs
     trainer = Trainer(MoEAE(model_cfg), train_cfg, [train_cfg.seed],
-                      resolve_device(train_cfg.device))
+                      resolve_device(train_cfg.device), ctx=ctx)
     try:
         trainer.load_state_dict({"model": ck["model"], "optimizer": ck["optimizer"],
                                  "rng": ck["rng"], "extra": ck["extra"],
@@ -265,13 +299,21 @@ def resume_run(run_dir, epochs: int | None = None, progress: bool = False) -> Tr
             rows = [r for r in json.loads(metrics_path.read_text()) if r["epoch"] <= done]
         except (ValueError, TypeError, KeyError) as exc:
             raise RunError(f"{metrics_path}: unreadable metrics ({exc!r})") from None
-    if epochs is not None:  # only now, so a refused resume leaves config.json as it was
-        write_json(run_dir / "config.json", config)
-    _remove_stale_tmp(run_dir)
     X = _training_data(run_dir, config, data)
-    rec = _Recorder(run_dir, _eval_set(data, X), data.get("t_test"),
-                    bool(config.get("closed", False)), config, rows)
-    trainer.fit(X, train_cfg.epochs, on_epoch_end=rec, progress=progress)
+    ctx.barrier()  # every rank has read the run folder before rank 0 changes it
+
+    def write_start() -> None:
+        if epochs is not None:  # only now, so a refused resume leaves config.json as it was
+            write_json(run_dir / "config.json", config)
+        _remove_stale_tmp(run_dir)
+
+    on_main(ctx, write_start)
+    rec = None
+    if ctx.is_main:
+        rec = _Recorder(run_dir, _eval_set(data, X), data.get("t_test"),
+                        bool(config.get("closed", False)), config, rows)
+    trainer.fit(X, train_cfg.epochs, on_epoch_end=rec, progress=progress and ctx.is_main)
+    ctx.barrier()
     return trainer
 
 
@@ -325,8 +367,8 @@ def decode(model: MoEAE, codes: np.ndarray, chunk: int = CODE_CHUNK,
     device, dtype = model.shift.device, model.shift.dtype
     out = np.empty((len(codes), model.cfg.n_features))
     for i in range(0, len(codes), chunk):
-        c = torch.as_tensor(chart[i:i + chunk].astype(np.int64), device=device)[None]
-        z = torch.as_tensor(codes[i:i + chunk, 1:], dtype=dtype, device=device)[None]
+        c = torch.tensor(chart[i:i + chunk].astype(np.int64), device=device)[None]
+        z = torch.tensor(codes[i:i + chunk, 1:], dtype=dtype, device=device)[None]  # a copy
         out[i:i + chunk] = model.decode(c, z)[0].double().cpu().numpy()
     return out
 

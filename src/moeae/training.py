@@ -5,18 +5,13 @@ model has its own seed, its own shuffling and dropout streams, and the total los
 the per-model losses, so each model's gradients and Adam updates are exactly those it would get
 alone. Evaluation, snapshots and checkpoints attach as callbacks (``on_epoch_end``).
 
-Two routing modes (``TrainConfig.routing``):
-
-- ``"soft"`` (the seed): loss = MSE(x, sum_e p_e x_hat_e) + w * MSE(batch-mean logits, 0).
-- ``"responsibility"``: each expert e has error ``err_e`` on each point; the router is trained
-  by cross-entropy towards detached targets built from ``softmax(-err / tau)`` (as the
-  chart-assignment step of Chart Auto-Encoders, Schonsheck et al. 2019), with ``tau`` annealed
-  from soft to nearly hard; each expert learns its error weighted by the same targets (or the
-  router's probabilities). Charts can start from a geodesic atlas of the data
-  (``chart_init``, :mod:`moeae.atlas`, followed by ``warm_start_epochs`` towards those charts
-  and, with ``latent_init``, towards each chart's unrolled coordinates); with
-  ``relabel_neighbors`` the targets are recomputed once per epoch over the epoch's working set
-  and averaged over each point's nearest neighbours (:meth:`Trainer.relabel`), else per batch.
+What a step minimises is the :class:`~moeae.objectives.Objective` (routing modes and loss
+terms). Charts can start from a geodesic atlas of the data (``chart_init``, :mod:`moeae.atlas`,
+followed by ``warm_start_epochs`` towards those charts and, with ``latent_init``, towards each
+chart's unrolled coordinates); with ``relabel_neighbors`` the routing targets are recomputed
+once per epoch over the epoch's working set and averaged over each point's nearest neighbours
+(:meth:`Trainer.relabel`), else per batch. Under ``torchrun`` one population trains
+data-parallel (:mod:`moeae.data_parallel`).
 
 An epoch is one pass over a working set of at most ``cfg.working_set`` points: all the data
 when it is no larger, else a fresh random sample of it (:mod:`moeae.working_set`), so the
@@ -36,9 +31,12 @@ import torch
 
 from .atlas import initial_atlas
 from .config import TrainConfig
+from .data_parallel import DataParallel
+from .distributed import SINGLE, Context, DistributedError
 from .layers import DropoutMasks
 from .model import MoEAE
 from .neighbors import kneighbors
+from .objectives import LossTerms, Objective
 from .optim import FusedAdam
 from .working_set import TrainingData, draw_indices
 
@@ -73,27 +71,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class LossTerms:
-    """Per-model loss terms, each of shape (M,)."""
-
-    @staticmethod
-    def reconstruction(x_hat, x, scale):
-        return (((x_hat - x) / scale) ** 2).mean(dim=(1, 2))  # MSE in normalised units
-
-    @staticmethod
-    def router_mean_logits(logits, valid):
-        # The seed's "router loss": MSE(mean over the batch of the logits, 0), valid experts only.
-        mean = torch.where(valid[:, None, :], logits, 0.0).mean(dim=1)  # (M, E)
-        return (mean**2).sum(-1) / valid.sum(-1)
-
-    @staticmethod
-    def load_balance(probs, valid):
-        # Switch Transformer (Fedus et al. 2021, eq. 4): E * sum_e f_e P_e, minimal when uniform.
-        E = valid.sum(-1).to(probs.dtype)  # (M,)
-        top = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
-        return E * (top.mean(1) * probs.mean(1)).sum(-1)
-
-
 @dataclass
 class TrainState:
     epoch: int = 0  # completed epochs
@@ -110,15 +87,23 @@ class Trainer:
     cfg : TrainConfig
     seeds : sequence of int, one per model
     device : torch.device
+    ctx : moeae.distributed.Context, optional
+        Under ``torchrun``: the ranks that train this population data-parallel.
     """
 
-    def __init__(self, model: MoEAE, cfg: TrainConfig, seeds: Sequence[int], device=None):
+    def __init__(self, model: MoEAE, cfg: TrainConfig, seeds: Sequence[int], device=None,
+                 ctx: Context | None = None):
         if len(seeds) != model.n_models:
             raise ValueError(f"need {model.n_models} seeds, got {len(seeds)}")
         self.cfg = cfg
         self.seeds = [int(s) for s in seeds]
-        self.device = torch.device(device or "cpu")
+        self.ctx = ctx or SINGLE
+        self.device = torch.device(self.ctx.device if self.ctx.active else (device or "cpu"))
         self.model = model.to(self.device)
+        # under torchrun: each rank takes part of every batch (moeae.data_parallel)
+        self.parallel = DataParallel(self.ctx, self.model) if self.ctx.active else None
+        self.forward_model = self.model if self.parallel is None else self.parallel.module
+        self.objective = Objective(cfg, self.parallel)
         self.state = TrainState()
         # One stream per model for shuffling (CPU) and one for dropout (on the device).
         self.shuffle_gens = [torch.Generator().manual_seed(s + 7919) for s in self.seeds]
@@ -154,7 +139,7 @@ class Trainer:
         self.model.reset_parameters(self.seeds)
         with torch.no_grad():
             if self.cfg.standardize:
-                S = data.stats_rows(self.seeds)
+                S = data.stats_rows()
                 shift = S.mean(dim=1, keepdim=True)  # (M, 1, d)
                 # one overall scale keeps the geometry: RMS distance to the mean
                 scale = ((S - shift) ** 2).sum(-1).mean(1).sqrt()[:, None, None]  # (M, 1, 1)
@@ -184,6 +169,9 @@ class Trainer:
                                               device=self.device)
         if self.relabels and W == data.n:  # else neighbours of each epoch's working set
             self.knn = self.neighbours(Xa)
+        for t in (self.labels, self.coords):  # every rank starts from rank 0's atlas
+            if t is not None:
+                self.ctx.broadcast_(t)
 
     @property
     def relabels(self) -> bool:
@@ -196,8 +184,9 @@ class Trainer:
         # made the figure-8 fail more often (5 of 10 starts against 3 of 10)
         k = min(self.cfg.relabel_neighbors, X.shape[1])
         src = X if X.device.type != "cpu" else X.numpy()
-        knn = [kneighbors(x, k)[1] for x in src]
-        return torch.as_tensor(np.stack(knn), device=self.device)  # (M, n, k)
+        lists = [kneighbors(x, k)[1] for x in src]
+        knn = torch.as_tensor(np.stack(lists), device=self.device)  # (M, n, k)
+        return self.ctx.broadcast_(knn)  # the same lists on every rank
 
     @torch.no_grad()
     def relabel(self, X: torch.Tensor, progress: float) -> None:
@@ -209,19 +198,27 @@ class Trainer:
         was = m.training
         m.eval()
         valid = m.active[:, None, :]  # (M, 1, E)
-        errs = []
-        for i in range(0, X.shape[1], EVAL_CHUNK):
-            xb = X[:, i:i + EVAL_CHUNK]
+        M, n = X.shape[:2]
+        err = X.new_zeros((M, n, valid.shape[-1]))  # (M, n, E)
+        part = slice(0, n) if self.parallel is None else self.parallel.part(n)
+        for i in range(part.start, part.stop, EVAL_CHUNK):  # this rank's part of the points
+            xb = X[:, i:min(i + EVAL_CHUNK, part.stop)]
             y = m.padded(m(xb).expert_outputs)  # (M, E, b, d)
-            errs.append((((y - xb[:, None]) / m.scale[:, None]) ** 2).mean(-1).transpose(1, 2))
+            err[:, i:i + xb.shape[1]] = (((y - xb[:, None]) / m.scale[:, None]) ** 2
+                                         ).mean(-1).transpose(1, 2)
         m.train(was)
-        err = torch.cat(errs, 1).masked_fill(~valid, float("inf"))  # (M, n, E)
+        if self.parallel is not None:
+            self.parallel.sum_(err)  # each point's errors from the rank that computed them
+        err = err.masked_fill(~valid, float("inf"))
         ref = torch.where(valid, err, 0.0).sum((1, 2)) / (valid.sum((1, 2)) * err.shape[1])
         tau = self.tau(progress) * ref.clamp_min(1e-12)[:, None, None]  # (M, 1, 1)
         r = torch.softmax(-err / tau, dim=-1)  # (M, n, E)
-        M, n, k = self.knn.shape
+        knn = self.knn
+        if knn is None:
+            raise RuntimeError("relabel needs the neighbour lists of initialize()")
+        k = knn.shape[-1]
         E = r.shape[-1]
-        idx = self.knn.reshape(M, n * k, 1).expand(-1, -1, E)
+        idx = knn.reshape(M, n * k, 1).expand(-1, -1, E)
         r = r.gather(1, idx).view(M, n, k, E).mean(2)  # (M, n, E)
         if self.cfg.relabel_hard:  # winner takes the point: overlaps shrink, ties resolve
             r = torch.nn.functional.one_hot(r.argmax(-1), E).to(r.dtype)
@@ -237,77 +234,31 @@ class Trainer:
         return 1.0
 
     def tau(self, progress: float) -> float:
-        c = self.cfg
-        return c.tau_start * (c.tau_end / c.tau_start) ** min(1.0, progress)
+        return self.objective.tau(progress)
 
-    # -- one step ---------------------------------------------------------------------------
     def loss(self, x: torch.Tensor, labels: torch.Tensor | None, progress: float,
              warm: bool, coords: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """Per-model loss (M,) for a batch x (M, B, d) and its terms for the log.
-
-        ``coords`` (M, B, E, k), NaN where unknown: target chart coordinates (warm start).
-        """
-        m = self.model
-        out = m(x, self.dropout if m.training else None)
-        valid = m.active
-        if self.cfg.routing == "soft":
-            rec = LossTerms.reconstruction(out.x_hat, x, m.scale)
-            terms = {"reconstruction": rec}
-            loss = rec
-            if self.cfg.router_loss_weight:
-                rl = LossTerms.router_mean_logits(out.logits, valid)
-                terms["router"] = rl
-                loss = loss + self.cfg.router_loss_weight * rl
-        else:
-            err = (((m.padded(out.expert_outputs) - x[:, None]) / m.scale[:, None]) ** 2).mean(-1)
-            err = err.transpose(1, 2)  # (M, E, B) -> (M, B, E)
-            with torch.no_grad():
-                if warm:
-                    target = labels
-                else:
-                    e = err.masked_fill(~valid[:, None, :], float("inf"))
-                    ref = torch.where(valid[:, None, :], e, 0.0).sum(-1) / valid.sum(-1)[:, None]
-                    t = self.tau(progress) * ref.mean(-1)[:, None, None].clamp_min(1e-12)
-                    target = torch.softmax(-e / t, dim=-1)  # (M, B, E)
-                if warm:
-                    weight = labels
-                elif self.cfg.expert_weight == "target":
-                    weight = target
-                else:
-                    weight = out.probs.detach()
-            logp = torch.log_softmax(out.logits, -1).masked_fill(~valid[:, None, :], 0.0)
-            router = -(target * logp).sum(-1).mean(-1)  # cross-entropy (M,)
-            expert = (weight * err.masked_fill(~valid[:, None, :], 0.0)).sum(-1).mean(-1)
-            terms = {"expert": expert, "router": router}
-            loss = expert + router
-            if coords is not None:
-                z = m.padded(out.latents).transpose(1, 2)  # (M, B, E, k)
-                known = ~coords.isnan()
-                sq = torch.where(known, z - coords.nan_to_num(0.0), 0.0) ** 2
-                lat = sq.sum((1, 2, 3)) / known.sum((1, 2, 3)).clamp_min(1)
-                terms["coordinates"] = lat
-                loss = loss + self.cfg.latent_init * lat
-        if self.cfg.balance_weight:
-            bal = LossTerms.load_balance(out.probs, valid)
-            terms["balance"] = bal
-            loss = loss + self.cfg.balance_weight * bal
-        return loss, terms
+        """Per-model loss (M,) of a batch x (M, B, d) and its terms (:mod:`moeae.objectives`)."""
+        out = self.forward_model(x, self.dropout if self.model.training else None)
+        return self.objective(self.model, out, x, labels, progress, warm, coords)
 
     def _clip_(self) -> None:
         """Clip each model's global gradient norm separately (models stay independent)."""
         m = self.model
         # Router weights have one group per model; encoder/decoder weights one per expert.
-        owned = [(m.router.parameters(), None),
-                 (list(m.encoder.parameters()) + list(m.decoder.parameters()), m.expert_model)]
-        owned = [(p, owner) for params, owner in owned for p in params if p.grad is not None]
+        groups = [(list(m.router.parameters()), None),
+                  (list(m.encoder.parameters()) + list(m.decoder.parameters()), m.expert_model)]
+        owned = [(p.grad, owner) for params, owner in groups for p in params
+                 if p.grad is not None]
         sq = torch.zeros(m.n_models, device=self.device)
-        for p, owner in owned:
-            per_group = p.grad.pow(2).flatten(1).sum(1)  # (groups,)
+        for grad, owner in owned:
+            per_group = grad.pow(2).flatten(1).sum(1)  # (groups,)
             sq = sq + per_group if owner is None else sq.index_add(0, owner, per_group)
-        factor = (self.cfg.grad_clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # (M,)
-        for p, owner in owned:
+        clip = float(self.cfg.grad_clip or 0.0)
+        factor = (clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # (M,)
+        for grad, owner in owned:
             f = factor if owner is None else factor[owner]
-            p.grad.mul_(f.view(-1, *([1] * (p.grad.dim() - 1))))
+            grad.mul_(f.view(-1, *([1] * (grad.dim() - 1))))
 
     # -- the loop ---------------------------------------------------------------------------
     def planned_steps(self, n: int, epochs: int) -> int:
@@ -322,8 +273,8 @@ class Trainer:
         warm = self.labels is not None and epoch < cfg.warm_start_epochs
         if W == data.n:
             X = data.full()
-        elif warm:  # the warm start trains where the atlas was built
-            X = data.gather(self.anchor.numpy())
+        elif warm and self.anchor is not None:  # the warm start trains where the atlas was
+            X = data.gather(self.anchor.numpy())  # built
         else:  # a fresh working set, each model from its own stream
             X = data.gather(np.stack([draw_indices(data.n, W, g) for g in self.shuffle_gens]))
         perm = torch.stack([torch.randperm(W, generator=g) for g in self.shuffle_gens])
@@ -342,9 +293,8 @@ class Trainer:
         ``X``: a tensor (M, n, d), an array (n, d) shared by all models (an ``np.memmap`` is
         read a working set at a time) or :class:`TrainingData`. Each epoch is one pass over a
         working set of ``min(n, cfg.working_set)`` points (:mod:`moeae.working_set`)."""
-        cfg, m, st = self.cfg, self.model, self.state
+        cfg, st = self.cfg, self.state
         data = self.data(X)
-        M, d = m.n_models, data.d
         steps_per_epoch = math.ceil(self.working_size(data.n) / cfg.batch_size)
         total = epochs * steps_per_epoch
         bar = None
@@ -352,42 +302,16 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=epochs, initial=st.epoch, unit="epoch", desc="training")
         for epoch in range(st.epoch, epochs):
-            m.train()
-            Xe, perm, warm = self._epoch_data(data, epoch, epoch / max(1, epochs))
-            running = torch.zeros(M, device=self.device)
-            # the first step of this epoch whose loss was not finite, per model (0: none); kept
-            # on the device and read once per epoch, so steps never wait for the host
-            first_bad = torch.zeros(M, dtype=torch.long, device=self.device)
-            for s in range(steps_per_epoch):
-                idx = perm[:, s * cfg.batch_size:(s + 1) * cfg.batch_size]  # (M, b)
-                xb = Xe.gather(1, idx[..., None].expand(-1, -1, d))  # (M, b, d)
-                if cfg.input_noise > 0:  # each model's noise from its own stream
-                    noise = torch.cat([torch.randn((1,) + xb.shape[1:], generator=g,
-                                                   device=self.device)
-                                       for g in self.dropout_gens])
-                    xb = xb + cfg.input_noise * m.scale * noise
-                lb = None if self.labels is None or not warm else self.labels.gather(
-                    1, idx[..., None].expand(-1, -1, self.labels.shape[-1]))  # (M, b, E)
-                cb = None
-                if self.coords is not None and epoch < cfg.warm_start_epochs:
-                    E, k = self.coords.shape[2:]
-                    cb = self.coords.gather(1, idx[..., None, None].expand(-1, -1, E, k))
-                self.optimizer.lr = cfg.lr * self.lr_factor(st.step, total, steps_per_epoch)
-                loss, _ = self.loss(xb, lb, st.step / max(1, total), warm, cb)
-                first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), s + 1,
-                                        first_bad)
-                self.optimizer.zero_grad()
-                loss.sum().backward()  # models are independent: d(sum)/d(theta_m) = dL_m/d(theta_m)
-                if cfg.grad_clip:
-                    self._clip_()
-                self.optimizer.step()
-                running += loss.detach()
-                st.step += 1
-            if bool((first_bad > 0).any()):
-                bad = torch.nonzero(first_bad).flatten().tolist()
-                raise DivergenceError(epoch + 1, int(first_bad[first_bad > 0].min()), bad)
-            st.epoch = epoch + 1
-            st.history.append((running / steps_per_epoch).tolist())
+            try:
+                self._epoch(data, epoch, epochs, steps_per_epoch, total)
+            except RuntimeError as exc:
+                if self.parallel is None or isinstance(exc, (DistributedError,
+                                                             DivergenceError)):
+                    raise
+                # a collective failed: a peer process died or fell silent
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise DistributedError(f"rank {self.ctx.rank}: a peer process failed or "
+                                       f"timed out ({first[:200]})") from exc
             if bar is not None:
                 bar.set_postfix(loss=f"{float(np.mean(st.history[-1])):.3g}")
                 bar.update(1)
@@ -396,6 +320,52 @@ class Trainer:
         if bar is not None:
             bar.close()
         return st
+
+    def _epoch(self, data: TrainingData, epoch: int, epochs: int, steps_per_epoch: int,
+               total: int) -> None:
+        """One pass over this epoch's working set."""
+        cfg, m, st = self.cfg, self.model, self.state
+        M, d = m.n_models, data.d
+        m.train()
+        Xe, perm, warm = self._epoch_data(data, epoch, epoch / max(1, epochs))
+        running = torch.zeros(M, device=self.device)
+        # the first step of this epoch whose loss was not finite, per model (0: none); kept
+        # on the device and read once per epoch, so steps never wait for the host
+        first_bad = torch.zeros(M, dtype=torch.long, device=self.device)
+        for s in range(steps_per_epoch):
+            idx = perm[:, s * cfg.batch_size:(s + 1) * cfg.batch_size]  # (M, b)
+            if self.parallel is not None:
+                idx = self.parallel.shard(idx)  # this rank's part of the batch
+            xb = Xe.gather(1, idx[..., None].expand(-1, -1, d))  # (M, b, d)
+            if cfg.input_noise > 0:  # each model's noise from its own stream
+                noise = torch.cat([torch.randn((1,) + xb.shape[1:], generator=g,
+                                               device=self.device)
+                                   for g in self.dropout_gens])
+                xb = xb + cfg.input_noise * m.scale * noise
+            lb = None if self.labels is None or not warm else self.labels.gather(
+                1, idx[..., None].expand(-1, -1, self.labels.shape[-1]))  # (M, b, E)
+            cb = None
+            if self.coords is not None and epoch < cfg.warm_start_epochs:
+                E, k = self.coords.shape[2:]
+                cb = self.coords.gather(1, idx[..., None, None].expand(-1, -1, E, k))
+            self.optimizer.lr = cfg.lr * self.lr_factor(st.step, total, steps_per_epoch)
+            loss, _ = self.loss(xb, lb, st.step / max(1, total), warm, cb)
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), s + 1,
+                                    first_bad)
+            self.optimizer.zero_grad()
+            loss.sum().backward()  # models are independent: d(sum)/d(theta_m) = dL_m/d(theta_m)
+            if cfg.grad_clip:
+                self._clip_()
+            self.optimizer.step()
+            running += loss.detach()
+            st.step += 1
+        if self.parallel is not None:
+            self.ctx.all_reduce_(first_bad, "max")  # every rank stops together
+        if bool((first_bad > 0).any()):
+            bad = torch.nonzero(first_bad).flatten().tolist()
+            raise DivergenceError(epoch + 1, int(first_bad[first_bad > 0].min()), bad)
+        st.epoch = epoch + 1
+        st.history.append((running / steps_per_epoch).tolist())
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
