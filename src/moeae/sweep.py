@@ -418,6 +418,7 @@ def sweep(data, experts, seeds: int = 10, *, seed: int = 0, latent_dim: int | No
     t0 = time.perf_counter()
     experts = _check_counts(experts, seeds, population, success_fvu)
     from . import distributed
+    from .data import check_trainable
     from .run import check_configs
     from .training import resolve_device
 
@@ -430,6 +431,8 @@ def sweep(data, experts, seeds: int = 10, *, seed: int = 0, latent_dim: int | No
     model_cfg.n_features = d
     for E in experts:
         check_configs(dataclasses.replace(model_cfg, n_experts=E), train_cfg, n, d)
+    if source.name is None:  # as train refuses it: nothing to learn, or values too large
+        check_trainable(source.X, str(source.info.get("file", "X")), n_charts=max(experts))
     plan = _plan(experts, list(range(seed, seed + seeds)), population)
     configs = to_dict(model_cfg, train_cfg)
     del configs["model"]["n_experts"], configs["train"]["seed"]  # listed in the manifest
