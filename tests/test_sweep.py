@@ -287,10 +287,12 @@ def test_two_ranks_give_every_model_the_numbers_of_one_process(tiny_sweep, tmp_p
 
 
 @pytest.mark.slow
-def test_a_rank_that_fails_ends_the_job_with_one_error_line_per_process(tmp_path):
+def test_a_rank_that_fails_ends_the_job_with_one_error_line(tmp_path):
     p = _torchrun(TINY_ARGS + ["--lr", "1e9", "--out", str(tmp_path / "sw")])
     assert p.returncode != 0
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 2 and all("training diverged" in e for e in errors), p.stderr
+    # each process prints the divergence, unless the launcher stopped it first
+    assert any("training diverged" in e for e in errors), p.stderr
+    assert all("training diverged" in e or "stopped by the launcher" in e for e in errors)
     # torchrun adds its own report of the failed ranks; our processes print no traceback
     assert "moeae/sweep.py" not in p.stderr and "moeae/cli.py" not in p.stderr, p.stderr

@@ -133,7 +133,7 @@ def _one_thread(fn):
     def run(*args, **kwargs):
         import scipy.linalg  # noqa: F401 - a limit applies to the libraries loaded before it
         import sklearn.cluster  # noqa: F401
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
         with threadpool_limits(limits=1):
             return fn(*args, **kwargs)

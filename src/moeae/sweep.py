@@ -44,6 +44,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -100,30 +101,31 @@ class _Source:
     def __init__(self, data, n_samples: int, noise: float, seed: int):
         from .data import check_data, load_array
 
-        self.n_samples, self.noise, self.name, self.X = n_samples, noise, None, None
-        self.mapped = False
+        self.n_samples, self.noise = n_samples, noise
+        self.name: str | None = None  # the dataset's name; None: shared points
+        self.info: dict[str, Any] = {}  # config.json's "data" of shared points
+        X: np.ndarray | None = None
         if isinstance(data, np.ndarray):
-            self.X = data if isinstance(data, np.memmap) else check_data(data, "X",
-                                                                         min_samples=2)
-            self.info = {"array": True, "shape": list(self.X.shape)}
+            X = data if isinstance(data, np.memmap) else check_data(data, "X", min_samples=2)
+            self.info = {"array": True, "shape": list(X.shape)}
         else:
             path = Path(data)
             if path.suffix.lower() in (".npy", ".csv", ".txt") or path.exists():
-                self.X = load_array(path, min_samples=2, mmap=True)  # .npy: memory-mapped
-                self.info = {"file": str(path.resolve()), "shape": list(self.X.shape)}
+                X = load_array(path, min_samples=2, mmap=True)  # .npy: memory-mapped
+                self.info = {"file": str(path.resolve()), "shape": list(X.shape)}
             else:
                 self.dataset = get_dataset(str(data))  # unknown names: the valid ones listed
                 self.name = str(data)
-        if self.X is not None:
-            self.mapped = isinstance(self.X, np.memmap)
-            if self.mapped:
-                self.info.update(file=str(Path(self.X.filename).resolve()),
-                                 dtype=str(self.X.dtype), mapped=True)
-            n = len(self.X)
-            # one evaluation sample for every seed, so their metrics compare
-            idx = np.arange(n) if n <= EVAL_MAX else np.sort(
-                np.random.default_rng(seed).choice(n, EVAL_MAX, replace=False))
-            self.X_eval = np.asarray(self.X[idx], dtype=np.float64)
+        self.X = np.empty((0, 0)) if X is None else X  # (n, d) shared points
+        self.mapped = isinstance(X, np.memmap)
+        if isinstance(X, np.memmap):
+            self.info.update(file=str(Path(str(X.filename)).resolve()), dtype=str(X.dtype),
+                             mapped=True)
+        n = len(self.X)
+        # one evaluation sample for every seed, so their metrics compare
+        idx = np.arange(n) if n <= EVAL_MAX else np.sort(
+            np.random.default_rng(seed).choice(n, EVAL_MAX, replace=False))
+        self.X_eval = np.asarray(self.X[idx], dtype=np.float64)
 
     def identity(self) -> dict:
         """What must not change for a rerun to resume (sweep.json's "data")."""
@@ -170,7 +172,8 @@ def _plan(experts: list[int], seeds: list[int], population: int) -> list[list[_M
 def _deal(costs: list[float], ranks: int) -> list[list[int]]:
     """Item indices for each of ``ranks`` ranks: largest cost first onto the least loaded rank
     (ties: the lower rank), each rank's items in order. Depends on the costs alone."""
-    load, mine = [0.0] * ranks, [[] for _ in range(ranks)]
+    load = [0.0] * ranks
+    mine: list[list[int]] = [[] for _ in range(ranks)]
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         r = load.index(min(load))
         load[r] += costs[i]
@@ -179,9 +182,10 @@ def _deal(costs: list[float], ranks: int) -> list[list[int]]:
 
 
 def member_state(trainer, m: int) -> dict:
-    """Model ``m`` of a trainer's population alone, in :meth:`Trainer.state_dict`'s layout:
-    its weights, its slice of the Adam state, its shuffling and dropout streams, its routing
-    targets and its loss history, so a :class:`Trainer` of that one model continues it."""
+    """Model ``m`` of a trainer's population alone, in the layout of
+    :meth:`moeae.training.Trainer.state_dict`: its weights, its slice of the Adam state, its
+    shuffling and dropout streams, its routing targets and its loss history, so a
+    :class:`~moeae.training.Trainer` of that one model continues it."""
     model = trainer.model
     one = model.select(m)
     E = model.counts[m]
@@ -360,7 +364,7 @@ def _check_counts(experts, seeds, population, success_fvu) -> list[int]:
     experts = [experts] if isinstance(experts, (int, np.integer)) else list(experts)
 
     def whole(v, low: int = 1) -> bool:
-        return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= low
+        return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and bool(v >= low)
 
     for name, v in (("seeds", seeds), ("population", population)):
         if not whole(v):
@@ -408,7 +412,7 @@ def sweep(data, experts, seeds: int = 10, *, seed: int = 0, latent_dim: int | No
         Under torchrun each rank trains on its own device (cuda:LOCAL_RANK).
     context : moeae.distributed.Context, optional
         Default: :func:`moeae.distributed.init` (the process group when launched by torchrun;
-        the caller ends it with :func:`moeae.distributed.shutdown`).
+        the caller ends it with ``moeae.distributed.shutdown()``).
 
     Returns
     -------

@@ -51,7 +51,8 @@ EVAL_CHUNK = 128
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss."""
 
-    def __init__(self, epoch: int, step: int, models: list[int]):
+    def __init__(self, epoch: int, step: int, models: list):
+        # models: their places in the population (int), or their names (a sweep's folders)
         self.epoch, self.step, self.models = epoch, step, models
         super().__init__(f"training diverged: non-finite loss at epoch {epoch}, step {step} "
                          f"(model(s) {models}); lower the learning rate or set grad_clip")
