@@ -73,6 +73,7 @@ def write_data(path: Path, kind: str, n: int, dim: int = 64, noise: float = 0.01
         out[i:i + m] = base @ Q + noise * rng.standard_normal((m, dim))
     out.flush()
     del out
+    os.sync()  # written back now, not during the timed commands (fsyncs would wait for it)
 
 
 def clean_test(kind: str, dim: int = 64) -> np.ndarray:
