@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="points per epoch; larger data trains each epoch on a fresh random "
                         "sample of this many, so the cost does not grow with the data "
                         "(default: the recipe's, 2000)")
+    t.add_argument("--isometric", type=float, nargs="?", const=1.0, default=None,
+                   metavar="WEIGHT",
+                   help="constrain the charts: each decoder keeps lengths up to one scale per "
+                        "chart, with a guard against folds (moeae.geometry); WEIGHT of both "
+                        "terms, 1 when omitted, 0 turns them off (default: the recipe's)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to train (default: auto)")
     t.add_argument("--progress", action="store_true", help="show a progress bar")
@@ -222,7 +227,7 @@ def cmd_reproduce(args, figures=None) -> int:
 
 
 def cmd_train(args) -> int:
-    from .config import recipe
+    from .config import isometric_overrides, recipe
     from .distributed import init, shutdown
     from .run import resume_run, train_run
 
@@ -239,7 +244,8 @@ def cmd_train(args) -> int:
         mc, tc = recipe(args.recipe, n_experts=args.experts, latent_dim=latent,
                         epochs=args.epochs, seed=args.seed, lr=args.lr,
                         batch_size=args.batch_size, grad_clip=args.grad_clip,
-                        working_set=args.working_set, device=args.device)
+                        working_set=args.working_set, device=args.device,
+                        **isometric_overrides(args.isometric))
         tr = train_run(args.out, X, mc, tc, X_test=X_te, t_test=t_te, closed=closed,
                        data_info=info, force=args.force, progress=args.progress, ctx=ctx)
         if ctx.is_main:
