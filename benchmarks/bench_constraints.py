@@ -87,9 +87,11 @@ SURFACES = {
 }
 
 
-def part_orient(seeds, rows, iso=None):
+def part_orient(seeds, rows, iso=None, only=None, first_seed=0):
     for name, make in SURFACES.items():
-        for seed in range(seeds):
+        if only and name not in only:
+            continue
+        for seed in range(first_seed, seeds):
             X, _ = make(2000, seed)
             est, sec = fit(X, iso, seed, n_experts=4, latent_dim=2)
             tr = est.transitions()
@@ -144,6 +146,9 @@ def main():
                                                  "sample"])
     p.add_argument("--seeds", type=int, default=1, help="seeds per case (default: 1; orient "
                    "uses max(5, seeds))")
+    p.add_argument("--surfaces", nargs="+", default=None, choices=list(SURFACES),
+                   help="orient: only these surfaces (default: all)")
+    p.add_argument("--first-seed", type=int, default=0, help="orient: first seed (default: 0)")
     p.add_argument("--sample-isometric", action="store_true",
                    help="fit the sample part's models with isometric=True (default: off)")
     args = p.parse_args()
@@ -151,7 +156,8 @@ def main():
     rows: list[dict] = []
     for part in args.part:
         if part == "orient":
-            part_orient(max(5, args.seeds), rows)
+            part_orient(max(5, args.seeds), rows, only=args.surfaces,
+                        first_seed=args.first_seed)
         elif part == "sample":
             part_sample(args.seeds, rows, iso=args.sample_isometric)
         else:

@@ -12,7 +12,7 @@ from scipy.stats import kstest
 from moeae import MoEAutoencoder
 from moeae import datasets as ds
 from moeae.geometry import distance_ratio_spread, speed_cv, swiss_roll_arclength
-from moeae.plot_atlas import plot_arclength, plot_chart_graph
+from moeae.plot_geometry import plot_arclength, plot_chart_graph
 from moeae.run import as_population
 from moeae.sampling import volume_element
 from moeae.training import evaluate
