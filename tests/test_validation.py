@@ -214,3 +214,16 @@ def test_decode_shape_and_round_trip(model):
     codes = encode(model, GOOD[:8])
     assert codes.shape == (8, 2) and set(codes[:, 0]) <= {0.0, 1.0, 2.0}
     assert decode(model, codes).shape == (8, 2)
+
+
+def test_fit_refuses_data_with_nothing_to_learn(tmp_path):
+    """The estimator checks what ``moeae train`` checks, for arrays and memory-mapped files."""
+    same = np.ones((200, 3))
+    with pytest.raises(DataError, match=r"^X: all 200 points are identical"):
+        MoEAutoencoder(epochs=1).fit(same)
+    np.save(tmp_path / "same.npy", same)
+    with pytest.raises(DataError, match=r"same\.npy: all 200 points are identical"):
+        MoEAutoencoder(epochs=1).fit(str(tmp_path / "same.npy"))
+    three = np.repeat(np.eye(3), 10, axis=0)
+    with pytest.raises(DataError, match=r"fewer distinct points \(3\) than charts \(4\)"):
+        MoEAutoencoder(n_experts=4, epochs=1).fit(three)

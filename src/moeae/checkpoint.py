@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -22,6 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .atomic import _new_file_mode, atomic_write_bytes  # noqa: F401  (moved; old imports work)
+
 __all__ = ["CheckpointError", "atomic_write_bytes", "save_checkpoint", "load_checkpoint",
            "save_npz", "load_npz", "write_json"]
 
@@ -30,44 +31,6 @@ FORMAT = "moeae-checkpoint-1"
 
 class CheckpointError(ValueError):
     """A checkpoint or run file is missing, truncated, corrupt or of another format."""
-
-
-def _new_file_mode(path: Path) -> int:
-    """The mode ``open(path, "w")`` would leave: the old file's, else 0o666 less the umask."""
-    try:
-        return path.stat().st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old file or the new, never a part:
-    a temporary file beside the target, flushed and fsynced, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), _new_file_mode(path))  # mkstemp's 0600 -> what open() gives
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable (a power cut, not just a killed process)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # platforms that cannot open a folder (Windows)
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -140,7 +103,8 @@ def save_npz(path, arrays: dict[str, np.ndarray]) -> None:
     import io
 
     buf = io.BytesIO()
-    np.savez_compressed(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    plain: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}
+    np.savez_compressed(buf, **plain)
     atomic_write_bytes(path, buf.getvalue())
 
 

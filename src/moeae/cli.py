@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -64,7 +65,26 @@ def _positive_float(text: str) -> float:
     return v
 
 
+# What `train` uses when neither the command line nor a --config file sets it.
+TRAIN_DEFAULTS = {"experts": 4, "seed": 0, "recipe": "best", "n_samples": 1000, "noise": 0.0}
+
+
+def _add_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show a progress bar on stderr, or not (default: when stderr is a "
+                             "terminal)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """``--progress``/``--no-progress`` as given, else a bar only when stderr is a terminal
+    (so logs and pipes do not fill with carriage returns)."""
+    if args.progress is not None:
+        return bool(args.progress)
+    return sys.stderr.isatty()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``moeae`` argument parser: one subcommand per task."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true",
                         help="show full tracebacks on errors (default: one line)")
@@ -95,28 +115,35 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to train (default: auto = cuda if available)")
     r.add_argument("--no-figures", action="store_true", help="skip the figures")
-    r.add_argument("--progress", action="store_true", help="show a progress bar")
+    _add_progress(r)
 
+    # Settings that a --config file may also give default to None here: only what the command
+    # line states overrides the file (the documented defaults are applied after both).
     t = sub.add_parser("train", parents=[common], help="train one model into a run folder")
+    t.add_argument("--config", metavar="FILE.toml",
+                   help="read the settings from a TOML file; options given here override it")
     t.add_argument("--data", help="a dataset name (circle, spiral, figure8, trefoil, sphere, "
                    "torus, swiss_roll, s_curve) or a .npy/.csv file of shape (n, d)")
-    t.add_argument("--experts", type=_positive_int, default=4,
-                   help="number of experts (charts) (default: 4)")
+    t.add_argument("--experts", type=_positive_int, default=None,
+                   help=f"number of experts (charts) (default: {TRAIN_DEFAULTS['experts']})")
     t.add_argument("--latent-dim", type=_positive_int, default=None,
                    help="coordinates per chart (default: the dataset's dimension, else 1)")
     t.add_argument("--epochs", type=_nonneg_int, default=None,
                    help="epochs (default: the recipe's; with --resume: total epochs to reach)")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    t.add_argument("--recipe", choices=["best", "seed"], default="best",
-                   help="training recipe (default: best)")
+    t.add_argument("--seed", type=int, default=None,
+                   help=f"random seed (default: {TRAIN_DEFAULTS['seed']})")
+    t.add_argument("--recipe", choices=["best", "seed"], default=None,
+                   help=f"training recipe (default: {TRAIN_DEFAULTS['recipe']})")
     t.add_argument("--out", help="run folder to create")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder")
     t.add_argument("--force", action="store_true",
                    help="overwrite the run files of a non-empty --out folder")
-    t.add_argument("--n-samples", type=_positive_int, default=1000,
-                   help="points to generate for a named dataset (default: 1000)")
-    t.add_argument("--noise", type=float, default=0.0,
-                   help="Gaussian noise sd for a named dataset (default: 0)")
+    t.add_argument("--n-samples", type=_positive_int, default=None,
+                   help="points to generate for a named dataset "
+                        f"(default: {TRAIN_DEFAULTS['n_samples']})")
+    t.add_argument("--noise", type=float, default=None,
+                   help=f"Gaussian noise sd for a named dataset (default: "
+                        f"{TRAIN_DEFAULTS['noise']:g})")
     t.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate (default: the recipe's)")
     t.add_argument("--batch-size", type=_positive_int, default=None,
@@ -132,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="constrain the charts: each decoder keeps lengths up to one scale per "
                         "chart, with a guard against folds (moeae.geometry); WEIGHT of both "
                         "terms, 1 when omitted, 0 turns them off (default: the recipe's)")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="where to train (default: auto)")
-    t.add_argument("--progress", action="store_true", help="show a progress bar")
+    _add_progress(t)
 
     e = sub.add_parser("encode", parents=[common], help="points -> atlas codes (chart, z)")
     e.add_argument("run", help="run folder")
@@ -157,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print JSON instead of a table")
     v.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where to run the model (default: cpu)")
+
+    g = sub.add_parser("plot", parents=[common], help="draw a run: its hard reconstruction "
+                       "coloured by chart, each chart's coordinate, the training loss")
+    g.add_argument("run", help="run folder")
+    g.add_argument("--data", help="a dataset name or .npy/.csv file to draw (default: the run's "
+                   "own test set)")
+    g.add_argument("--out", help="figure to write: .png, .pdf or .svg (default: "
+                   "RUN_DIR/plot.png)")
     return p
 
 
@@ -210,7 +245,7 @@ def cmd_reproduce(args, figures=None) -> int:
 
     spec = StudySpec(out=Path(args.out), recipe=args.recipe, epochs=args.epochs, seed=args.seed,
                      seeds=args.seeds, device=args.device, figures=not args.no_figures,
-                     processes=args.threads, progress=args.progress)
+                     processes=args.threads, progress=show_progress(args))
     table = run_study(spec, figures)
     last = max(r["epoch"] for r in table) if table else 0
     print(f"{'dataset':<8} {'experts':>7} {'mse_soft':>10} {'mse_hard':>10} {'fvu_hard':>10} "
@@ -226,31 +261,52 @@ def cmd_reproduce(args, figures=None) -> int:
     return 0
 
 
+def train_settings(args: argparse.Namespace) -> dict:
+    """The settings of ``train``: the --config file's, the command line's over them, then
+    :data:`TRAIN_DEFAULTS` for what neither gives (``model.latent_dim`` stays unset: it
+    depends on the data)."""
+    from .config import isometric_overrides, merge_settings, read_config_file
+
+    base = read_config_file(args.config) if args.config else {"model": {}, "train": {}}
+    given = {"data": args.data, "out": args.out, "recipe": args.recipe, "seed": args.seed,
+             "n_samples": args.n_samples, "noise": args.noise,
+             "model": {"n_experts": args.experts, "latent_dim": args.latent_dim},
+             "train": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                       "grad_clip": args.grad_clip, "working_set": args.working_set,
+                       "device": args.device, **isometric_overrides(args.isometric)}}
+    settings = merge_settings(base, given)
+    settings["model"].setdefault("n_experts", TRAIN_DEFAULTS["experts"])
+    for key in ("recipe", "seed", "n_samples", "noise"):
+        settings.setdefault(key, TRAIN_DEFAULTS[key])
+    return settings
+
+
 def cmd_train(args) -> int:
-    from .config import isometric_overrides, recipe
+    from .config import recipe
+    from .data import check_trainable
     from .distributed import init, shutdown
     from .run import resume_run, train_run
 
-    ctx = init(args.device)  # under torchrun: join the other ranks (one model, data-parallel)
+    st = getattr(args, "settings", None) or {"train": {}}
+    # under torchrun: join the other ranks (one model, data-parallel)
+    ctx = init(st["train"].get("device") or "auto")
     try:
         if args.resume:
-            tr = resume_run(args.resume, args.epochs, progress=args.progress, ctx=ctx)
+            tr = resume_run(args.resume, args.epochs, progress=show_progress(args), ctx=ctx)
             if ctx.is_main:
                 print(f"resumed {args.resume}: {tr.state.epoch} epochs, {tr.state.step} steps")
             return 0
-        X, X_te, t_te, closed, info = _load_data(args.data, args.n_samples, args.noise,
-                                                 args.seed)
-        latent = args.latent_dim or info.get("manifold_dim", 1)
-        mc, tc = recipe(args.recipe, n_experts=args.experts, latent_dim=latent,
-                        epochs=args.epochs, seed=args.seed, lr=args.lr,
-                        batch_size=args.batch_size, grad_clip=args.grad_clip,
-                        working_set=args.working_set, device=args.device,
-                        **isometric_overrides(args.isometric))
-        tr = train_run(args.out, X, mc, tc, X_test=X_te, t_test=t_te, closed=closed,
-                       data_info=info, force=args.force, progress=args.progress, ctx=ctx)
+        X, X_te, t_te, closed, info = _load_data(st["data"], st["n_samples"], st["noise"],
+                                                 st["seed"])
+        st["model"].setdefault("latent_dim", info.get("manifold_dim", 1))
+        mc, tc = recipe(st["recipe"], seed=st["seed"], **st["model"], **st["train"])
+        check_trainable(X, st["data"], n_charts=mc.n_experts)  # named as given
+        tr = train_run(st["out"], X, mc, tc, X_test=X_te, t_test=t_te, closed=closed,
+                       data_info=info, force=args.force, progress=show_progress(args),
+                       ctx=ctx)
         if ctx.is_main:
             ranks = f" on {ctx.world_size} ranks" if ctx.active else ""
-            print(f"trained {args.out}{ranks}: {tr.state.epoch} epochs, {tr.state.step} steps")
+            print(f"trained {st['out']}{ranks}: {tr.state.epoch} epochs, {tr.state.step} steps")
         return 0
     finally:
         shutdown()
@@ -302,26 +358,45 @@ def cmd_decode(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
+def _data_for_run(run: str, spec: str):
+    """(X, t, closed) of ``--data`` for a trained run: a dataset's test set (seeded apart from
+    the run's own data) or a file, checked against the model's width."""
     from .data import DataError
-    from .run import evaluate_run, load_model
+    from .run import load_model
+
+    model, config = load_model(run)
+    seed = int(config.get("data", {}).get("random_state", 0)) + 2
+    X, X_te, t, closed, _ = _load_data(spec, 1000, 0.0, seed)
+    if X_te is not None:
+        X = X_te
+    if X.shape[1] != model.cfg.n_features:
+        raise DataError(f"{spec}: has {X.shape[1]} features but the model expects "
+                        f"{model.cfg.n_features}")
+    return X, t, closed
+
+
+def cmd_evaluate(args) -> int:
+    from .run import evaluate_run
 
     X = t = closed = None
     if args.data:
-        model, config = load_model(args.run, args.device)
-        seed = int(config.get("data", {}).get("random_state", 0)) + 2
-        X, X_te, t, closed, _ = _load_data(args.data, 1000, 0.0, seed)
-        if X_te is not None:
-            X = X_te
-        if X.shape[1] != model.cfg.n_features:
-            raise DataError(f"{args.data}: has {X.shape[1]} features but the model expects "
-                            f"{model.cfg.n_features}")
+        X, t, closed = _data_for_run(args.run, args.data)
     _print_metrics(evaluate_run(args.run, X, t, closed, device=args.device), args.json)
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .plot import plot_run
+
+    X = t = None
+    if args.data:
+        X, t, _ = _data_for_run(args.run, args.data)
+    print(f"wrote {plot_run(args.run, args.out, X=X, t=t)}")
+    return 0
+
+
 COMMANDS = {"reproduce": cmd_reproduce, "train": cmd_train, "encode": cmd_encode,
-            "decode": cmd_decode, "evaluate": cmd_evaluate}
+            "decode": cmd_decode, "evaluate": cmd_evaluate, "plot": cmd_plot}
 
 
 def _freeze_at_exit() -> None:
@@ -332,15 +407,43 @@ def _freeze_at_exit() -> None:
     atexit.register(gc.freeze)
 
 
+def _error(exc: BaseException) -> int:
+    """The one line ``error: ...`` of a failed command; exit status 1."""
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    print(f"error: {msg}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``moeae`` with ``argv`` (default: the process's arguments); return the exit status."""
     _freeze_at_exit()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":  # usage errors exit 2, as argparse's own
-        if args.resume and (args.out or args.data):
-            parser.error("train --resume takes the run folder; do not also give --out/--data")
-        if not args.resume and not (args.data and args.out):
-            parser.error("train needs --data and --out (or --resume RUN_DIR)")
+        if args.resume and (args.out or args.data or args.config):
+            parser.error("train --resume takes the run folder; do not also give "
+                         "--out/--data/--config")
+        if not args.resume:
+            from .config import ConfigError
+
+            try:
+                args.settings = train_settings(args)
+            except ConfigError as exc:  # a bad file, not bad usage: exit 1
+                if args.debug:
+                    raise
+                return _error(exc)
+            if not (args.settings.get("data") and args.settings.get("out")):
+                parser.error("train needs --data and --out, on the command line or in the "
+                             "--config file (or --resume RUN_DIR)")
+    with warnings.catch_warnings():
+        if not args.debug:
+            # a library's RuntimeWarning or DeprecationWarning is noise on a command line whose
+            # errors are one line each; --debug shows them
+            warnings.simplefilter("ignore")
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     figures = None
     if args.command == "reproduce" and not args.no_figures:
         figures = figure_worker()  # before torch: it imports matplotlib meanwhile
@@ -380,9 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             TypeError, OSError) as exc:
         if args.debug:
             raise
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+        return _error(exc)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -1,70 +1,76 @@
-"""Configuration as data: the model, the training loop, and the named recipes.
+"""Configuration as data: the model, the training loop, the named recipes, and settings files.
 
 A run folder stores these dataclasses as JSON (``config.json``), so a result can be rerun from
-its folder alone.
+its folder alone. ``moeae train --config FILE.toml`` reads the same fields from a TOML file
+(:func:`read_config_file`), and the command line overrides it (:func:`merge_settings`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+import types
+import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 __all__ = ["ModelConfig", "TrainConfig", "RECIPES", "recipe", "to_dict", "from_dict",
+           "ConfigError", "RUN_KEYS", "read_config_file", "merge_settings",
            "ISOMETRIC_WEIGHT", "isometric_overrides"]
 
-ISOMETRIC_WEIGHT = 1.0  # weight of the isometry and folding terms when isometric is True
+ISOMETRIC_WEIGHT = 1.0  #: weight of the isometry and folding terms when isometric is True
 
 
 @dataclass
 class ModelConfig:
-    n_features: int = 2  # d: width of the data
-    latent_dim: int = 1  # k: coordinates per chart
-    n_experts: int = 4  # E: experts (charts) per model
-    width: int = 100  # hidden units of every MLP (router, encoders, decoders)
-    depth: int = 4  # hidden layers of every MLP
-    activation: str = "relu"  # hidden activation: relu | silu | tanh | softplus
-    dropout: float = 0.1  # dropout after each hidden layer
-    output_dropout: bool = True  # seed quirk: dropout also on latents, outputs and router logits
+    """The network: sizes of the router and of every expert's encoder and decoder."""
+
+    n_features: int = 2  #: d: width of the data
+    latent_dim: int = 1  #: k: coordinates per chart
+    n_experts: int = 4  #: E: experts (charts) per model
+    width: int = 100  #: hidden units of every MLP (router, encoders, decoders)
+    depth: int = 4  #: hidden layers of every MLP
+    activation: str = "relu"  #: hidden activation: relu | silu | tanh | softplus
+    dropout: float = 0.1  #: dropout after each hidden layer
+    output_dropout: bool = True  #: seed quirk: dropout also on latents, outputs and router logits
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 5  # passes over the training set
-    batch_size: int = 32  # points per step
-    lr: float = 1e-3  # Adam learning rate (peak, if a schedule is set)
-    weight_decay: float = 0.0  # decoupled weight decay (AdamW) when > 0
-    schedule: str = "constant"  # "constant" | "cosine" (per step, after warmup)
-    warmup_epochs: float = 0.0  # linear warmup of the learning rate
-    grad_clip: float | None = None  # clip the global gradient norm of each model to this
-    router_loss_weight: float = 1.0  # seed's loss: MSE(batch-mean router logits, 0)
-    routing: str = "soft"  # "soft": the seed's blend | "responsibility": see training.py
-    tau_start: float = 1.0  # responsibility temperature at the start (relative to mean error)
-    tau_end: float = 0.01  # ... and at the end, annealed geometrically
-    expert_weight: str = "router"  # experts learn each point weighted by "router" or "target"
-    balance_weight: float = 0.0  # Switch-style load-balancing loss weight
-    chart_init: bool = False  # start charts from a geodesic atlas of the data (moeae.atlas)
-    warm_start_epochs: int = 0  # epochs of training towards the initial charts
-    init_overlap: float = 0.0  # soft initial charts near boundaries (0: hard)
-    latent_init: float = 0.0  # > 0: warm start also pulls each chart's z towards the geodesic
-    #                           coordinates of that chart's points, with this weight
-    relabel_neighbors: int = 0  # > 0: per-epoch targets averaged over this many neighbours
-    relabel_hard: bool = False  # per-epoch targets one-hot (the argmax of the average)
-    standardize: bool = False  # centre inputs and divide by one overall scale
-    input_noise: float = 0.0  # Gaussian noise on (standardized) training inputs
-    isometry: float = 0.0  # weight of the isometry term: each decoder keeps lengths up to one
-    #                        scale per chart (J^T J = s_e^2 I; moeae.geometry)
-    fold_guard: float = 0.0  # weight of the folding guard: stretches within fold_band of s_e
-    fold_band: float = 2.0  # c: singular values of each decoder Jacobian kept in [s/c, c s]
-    chart_inverse: float = 0.0  # weight of E'(D(z)) D'(z) v = v: each encoder inverts its
-    #                             decoder along the chart (codes of data at constant speed)
-    isometry_points: int = 16  # per step, both terms at each expert's this many batch points
-    #                            of most weight (its own points under hard targets)
-    working_set: int = 2000  # points per epoch: larger data trains on a fresh random sample
-    #                          of this many each epoch (moeae.working_set), so the budget is
-    #                          epochs x ceil(working_set / batch_size) steps whatever n
-    seed: int = 0  # initialisation, shuffling, dropout
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    """The training loop: optimiser, schedule, routing and the chart start."""
+
+    epochs: int = 5  #: passes over the training set
+    batch_size: int = 32  #: points per step
+    lr: float = 1e-3  #: Adam learning rate (peak, if a schedule is set)
+    weight_decay: float = 0.0  #: decoupled weight decay (AdamW) when > 0
+    schedule: str = "constant"  #: "constant" | "cosine" (per step, after warmup)
+    warmup_epochs: float = 0.0  #: linear warmup of the learning rate
+    grad_clip: float | None = None  #: clip the global gradient norm of each model to this
+    router_loss_weight: float = 1.0  #: seed's loss: MSE(batch-mean router logits, 0)
+    routing: str = "soft"  #: "soft": the seed's blend | "responsibility": see training.py
+    tau_start: float = 1.0  #: responsibility temperature at the start (relative to mean error)
+    tau_end: float = 0.01  #: ... and at the end, annealed geometrically
+    expert_weight: str = "router"  #: experts learn each point weighted by "router" or "target"
+    balance_weight: float = 0.0  #: Switch-style load-balancing loss weight
+    chart_init: bool = False  #: start charts from a geodesic atlas of the data (moeae.atlas)
+    warm_start_epochs: int = 0  #: epochs of training towards the initial charts
+    init_overlap: float = 0.0  #: soft initial charts near boundaries (0: hard)
+    latent_init: float = 0.0  #: warm-start pull of each chart's z towards geodesic coordinates
+    relabel_neighbors: int = 0  #: > 0: per-epoch targets averaged over this many neighbours
+    relabel_hard: bool = False  #: per-epoch targets one-hot (the argmax of the average)
+    standardize: bool = False  #: centre inputs and divide by one overall scale
+    input_noise: float = 0.0  #: Gaussian noise on (standardized) training inputs
+    isometry: float = 0.0  #: weight of the isometry term: decoders keep lengths up to one scale
+    #:                        per chart (J^T J = s_e^2 I; moeae.geometry)
+    fold_guard: float = 0.0  #: weight of the folding guard: stretches within fold_band of s_e
+    fold_band: float = 2.0  #: c: singular values of each decoder Jacobian kept in [s/c, c s]
+    chart_inverse: float = 0.0  #: weight of E'(D(z)) D'(z) v = v (encoders invert decoders)
+    isometry_points: int = 16  #: per step, the terms at each expert's this many batch points
+    #:                          of most weight (its own points under hard targets)
+    working_set: int = 2000  #: points per epoch; larger data: a fresh random sample each epoch
+    seed: int = 0  #: initialisation, shuffling, dropout
+    device: str = "auto"  #: "auto" | "cpu" | "cuda"
 
 
 def _seed_recipe() -> tuple[ModelConfig, TrainConfig]:
@@ -124,6 +130,8 @@ def isometric_overrides(isometric) -> dict:
 
 
 def to_dict(model: ModelConfig, train: TrainConfig, **extra: Any) -> dict:
+    """The configs as plain dicts under ``"model"`` and ``"train"`` (what ``config.json``
+    holds), with ``extra`` keys beside them."""
     return {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train), **extra}
 
 
@@ -134,3 +142,121 @@ def from_dict(d: dict) -> tuple[ModelConfig, TrainConfig]:
     except (KeyError, TypeError) as exc:
         raise ValueError(f"config is incomplete or has unknown fields: {exc}") from None
 
+
+
+# -- settings files (``moeae train --config FILE.toml``) ------------------------------------------
+#: The top-level keys of a settings file (the data and the run) and the type of each value.
+RUN_KEYS: dict[str, type] = {
+    "data": str,  # a dataset name or a .npy/.csv file
+    "out": str,  # the run folder to create
+    "recipe": str,  # "best" | "seed": the defaults the [model] and [train] tables override
+    "seed": int,  # seeds the generated data and the training (as --seed)
+    "n_samples": int,  # points to generate for a named dataset
+    "noise": float,  # Gaussian noise sd for a named dataset
+}
+# Set elsewhere: the data's width, and the one top-level seed for data and training alike.
+_NOT_SETTINGS = {"model.n_features": "it is the width of the data",
+                 "train.seed": "set the top-level seed, which seeds the data and the training"}
+
+
+class ConfigError(ValueError):
+    """A settings file that cannot be read, with a message naming the file and the key."""
+
+
+def _field_types(cls) -> dict[str, type]:
+    """Field name -> the type a settings file must give (``float | None`` -> ``float``)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        out[f.name] = hint
+    return out
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _check_value(path: Path, key: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # `lr = 1` means 1.0
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{path}: {key} must be {_TYPE_NAMES[kind]}, got {value!r}")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read and check a TOML settings file for ``moeae train --config``.
+
+    The top level holds :data:`RUN_KEYS` (``data``, ``out``, ``recipe``, ``seed``,
+    ``n_samples``, ``noise``); the tables ``[model]`` and ``[train]`` hold fields of
+    :class:`ModelConfig` and :class:`TrainConfig`, which override the recipe's values.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.toml`` file.
+
+    Returns
+    -------
+    dict
+        The top-level keys that the file sets, plus ``"model"`` and ``"train"``: dicts of the
+        fields it sets (possibly empty).
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing or not TOML, or a key is unknown or has a value of the wrong
+        type; the message names the file and the key.
+    """
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - the same parser, before it joined the standard library
+        import tomli as tomllib
+
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    tables = {"model": _field_types(ModelConfig), "train": _field_types(TrainConfig)}
+    settings: dict[str, Any] = {"model": {}, "train": {}}
+    for key, value in raw.items():
+        if key in tables:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {key} must be a table ([{key}]), got {value!r}")
+            for name, v in value.items():
+                full = f"{key}.{name}"
+                if full in _NOT_SETTINGS:
+                    raise ConfigError(f"{path}: {full} cannot be set: {_NOT_SETTINGS[full]}")
+                if name not in tables[key]:
+                    valid = [k for k in tables[key] if f"{key}.{k}" not in _NOT_SETTINGS]
+                    raise ConfigError(f"{path}: unknown key {full!r}; valid keys in [{key}]: "
+                                      f"{', '.join(valid)}")
+                settings[key][name] = _check_value(path, full, v, tables[key][name])
+        elif key in RUN_KEYS:
+            settings[key] = _check_value(path, key, value, RUN_KEYS[key])
+            if key == "recipe" and value not in RECIPES:
+                raise ConfigError(f"{path}: unknown recipe {value!r}; valid recipes: "
+                                  f"{', '.join(RECIPES)}")
+        else:
+            raise ConfigError(f"{path}: unknown key {key!r}; valid top-level keys: "
+                              f"{', '.join(RUN_KEYS)}, and the tables [model] and [train]")
+    return settings
+
+
+def merge_settings(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` (from :func:`read_config_file`) with every value of ``overrides`` that is not
+    None put over it, table by table: what the command line gives wins over the file."""
+    merged = {**base, "model": dict(base.get("model", {})), "train": dict(base.get("train", {}))}
+    for key, value in overrides.items():
+        if key in ("model", "train"):
+            merged[key].update({k: v for k, v in value.items() if v is not None})
+        elif value is not None:
+            merged[key] = value
+    return merged

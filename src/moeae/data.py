@@ -1,7 +1,9 @@
 """Reading and checking user data: ``.npy`` and ``.csv`` files, and arrays from Python.
 
 Every failure is a :class:`DataError` (a ``ValueError``) whose message names the file and the
-fault: missing, empty, not numeric, ragged, NaN, inf, complex, object (pickled), wrong shape.
+fault: missing, empty, not numeric, ragged, NaN, inf, beyond float32, complex, object (pickled),
+wrong shape; and, for training (:func:`check_trainable`), values too large for float32
+arithmetic and points that leave nothing to learn.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DataError", "load_array", "open_npy", "check_data", "save_array", "ArrayWriter",
-           "CSV_MAX_BYTES", "SCAN_ROWS"]
+__all__ = ["DataError", "load_array", "open_npy", "check_data", "check_trainable",
+           "save_array", "ArrayWriter", "CSV_MAX_BYTES", "SCAN_ROWS"]
 
-CSV_MAX_BYTES = 200 * 2**20  # larger CSV files are refused with a note to convert them to .npy
+CSV_MAX_BYTES = 200 * 2**20  # larger CSV files are refused: convert them to .npy
 SCAN_ROWS = 1 << 16  # rows per chunk when a memory-mapped file is checked or streamed
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+_CHUNK = 4096  # rows read at a time by the training checks (a memory map stays on disk)
 
 
 class DataError(ValueError):
@@ -58,9 +62,11 @@ def _check_layout(X: np.ndarray, where: str, n_features: int | None,
     return X
 
 
-def _check_values(X: np.ndarray, where: str, row0: int | None = None) -> None:
-    """NaN or inf anywhere in X is an error naming the first; ``row0``: X is the part of the
-    data starting at that row (a chunk of a file being scanned)."""
+def _check_values(X: np.ndarray, where: str, row0: int | None = None,
+                  whole=None) -> None:
+    """NaN or inf anywhere in X is an error naming the first, and so is a value beyond
+    float32; ``row0``: X is the part of the data starting at that row (a chunk of ``whole``,
+    a file being scanned)."""
     if not np.issubdtype(X.dtype, np.inexact):
         return
     bad = ~np.isfinite(X)
@@ -71,6 +77,14 @@ def _check_values(X: np.ndarray, where: str, row0: int | None = None) -> None:
             raise DataError(f"{where}: {kind} at row {i}, column {j} ({int(bad.sum())} "
                             "non-finite values in all)")
         raise DataError(f"{where}: {kind} at row {row0 + i}, column {j}")
+    # the model computes in float32: a larger value would become inf there, deep inside
+    big = np.abs(X) > FLOAT32_MAX
+    if big.any():
+        i, j = np.argwhere(big)[0]
+        at = f"row {i if row0 is None else row0 + i}, column {j}"
+        largest = np.abs(X).max() if whole is None else _largest(whole)
+        raise DataError(f"{where}: value {X[i, j]:.3g} at {at} overflows float32 (largest "
+                        f"magnitude {largest:.3g}; float32 holds up to {FLOAT32_MAX:.2g})")
 
 
 def open_npy(path, *, n_features: int | None = None, min_samples: int = 1,
@@ -97,7 +111,7 @@ def open_npy(path, *, n_features: int | None = None, min_samples: int = 1,
     X = _check_layout(X, str(path), n_features, min_samples)
     if scan:
         for i in range(0, len(X), SCAN_ROWS):
-            _check_values(np.asarray(X[i:i + SCAN_ROWS]), str(path), i)
+            _check_values(np.asarray(X[i:i + SCAN_ROWS]), str(path), i, whole=X)
             release_pages(X)
     return X
 
@@ -114,6 +128,91 @@ def _check_npy_file(path: Path) -> None:
     if magic != b"\x93NUMPY":  # np.load would try a pickle or open a .npz
         raise DataError(f"{path}: not a .npy file (no NumPy header); pickles and other "
                         "formats are refused")
+
+
+def _largest(X) -> float:
+    """The largest magnitude in ``X``, read in chunks whose pages a memory map releases after
+    each (so a file of any size is read in bounded memory)."""
+    from .working_set import release_pages
+
+    largest = 0.0
+    for i in range(0, len(X), SCAN_ROWS):
+        largest = max(largest, float(np.abs(np.asarray(X[i:i + SCAN_ROWS])).max()))
+        release_pages(X)
+    return largest
+
+
+def _first_beyond(X, limit: float) -> tuple[int, int]:
+    """(row, column) of the first value of ``X`` whose magnitude exceeds ``limit``."""
+    for i in range(0, len(X), _CHUNK):
+        hit = np.argwhere(np.abs(np.asarray(X[i:i + _CHUNK])) > limit)
+        if len(hit):
+            return i + int(hit[0][0]), int(hit[0][1])
+    raise ValueError(f"no value beyond {limit}")
+
+
+def _distinct_rows(X, limit: int, dtype, chunk: int = _CHUNK) -> int:
+    """The number of distinct rows of ``X`` as ``dtype``, counted up to ``limit``.
+
+    Reads ``X`` in chunks and stops as soon as ``limit`` distinct rows are seen, so a large or
+    memory-mapped array usually costs one chunk, not a pass."""
+    seen: set[bytes] = set()
+    for i in range(0, len(X), chunk):
+        block = np.asarray(X[i:i + chunk], dtype=dtype) + dtype(0)  # -0.0 -> 0.0
+        for row in np.unique(block, axis=0):
+            seen.add(row.tobytes())
+            if len(seen) >= limit:
+                return len(seen)
+    return len(seen)
+
+
+def check_trainable(X, where: str = "input", *, n_charts: int = 1) -> None:
+    """Refuse training data the model cannot learn from, with one line that says why.
+
+    The model trains in float32, so points are compared as float32, and values must leave
+    room for the squared distances of the loss and the input scaling.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        Finite data, as :func:`check_data` returns it.
+    where : str, default="input"
+        The source, named in messages (a file name, or "X").
+    n_charts : int, default=1
+        Charts (experts) to fit: each needs a point of its own.
+
+    Raises
+    ------
+    DataError
+        When a value is so large that its squared distances overflow float32, when every
+        point is the same, when the points differ only below float32 precision (zero variance
+        as the model sees them), or when there are fewer distinct points than charts.
+    """
+    n, d = np.shape(X)
+    # ((x - mean) ** 2).sum(-1) of a value up to `lim` stays below float32's maximum
+    lim = 0.5 * np.sqrt(FLOAT32_MAX / d)
+    absmax = _largest(X)
+    if absmax > lim:
+        i, j = _first_beyond(X, lim)
+        raise DataError(f"{where}: value {X[i][j]:.3g} at row {i}, column {j} is too large to "
+                        f"train on in float32: squared distances overflow above {lim:.2g} "
+                        f"(largest magnitude {absmax:.3g}); rescale the data")
+    limit = max(n_charts, 2)
+    distinct = _distinct_rows(X, limit, np.float32)
+    if distinct >= limit:
+        return
+    exact = _distinct_rows(X, limit, np.float64)
+    if exact == 1:
+        raise DataError(f"{where}: all {n} points are identical; an atlas needs points that "
+                        "differ")
+    if distinct == 1:
+        X = np.asarray(X, dtype=np.float64)
+        spread = float((X.max(axis=0) - X.min(axis=0)).max())
+        raise DataError(f"{where}: zero variance in float32: the {n} points differ by at most "
+                        f"{spread:.3g}, below float32 precision at magnitude {absmax:.3g}")
+    in32 = " in float32" if exact > distinct else ""
+    raise DataError(f"{where}: fewer distinct points{in32} ({distinct}) than charts "
+                    f"({n_charts}); use at most {distinct} experts")
 
 
 def _read_csv(path: Path) -> np.ndarray:
@@ -242,6 +341,7 @@ class ArrayWriter:
         return self
 
     def write(self, rows: np.ndarray) -> None:
+        """Append ``rows`` (m, w) after those written so far."""
         rows = np.asarray(rows, dtype=np.float64)
         room = self.shape[0] - self.rows
         if rows.ndim != 2 or rows.shape[1] != self.shape[1] or len(rows) > room:

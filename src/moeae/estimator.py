@@ -24,7 +24,7 @@ from .config import (
     recipe,
     to_dict,
 )
-from .data import SCAN_ROWS
+from .data import SCAN_ROWS, check_trainable
 from .model import MoEAE
 from .run import as_population, check_configs, decode, encode
 from .training import Trainer, evaluate, resolve_device
@@ -143,6 +143,8 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         n, d = X.shape
         mc, tc = self._configs(d)
         check_configs(mc, tc, n, d)
+        # identical points, no variance in float32, fewer distinct points than charts
+        check_trainable(X, str(getattr(X, "filename", None) or "X"), n_charts=mc.n_experts)
         if isinstance(self.n_init, str) and self.n_init == "auto":
             k = 2 if mc.latent_dim == 1 else 1
         elif isinstance(self.n_init, bool) or not isinstance(self.n_init, (int, np.integer)) \
@@ -186,7 +188,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
                 where = str(getattr(X, "filename", None) or "X")
                 _check_layout(X, where, None, 2 if reset else 1)
                 for i in range(0, len(X), SCAN_ROWS):
-                    _check_values(np.asarray(X[i:i + SCAN_ROWS]), where, i)
+                    _check_values(np.asarray(X[i:i + SCAN_ROWS]), where, i, whole=X)
                     release_pages(X)
             else:
                 X = open_npy(X, min_samples=2 if reset else 1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import nn
@@ -152,10 +152,16 @@ class StackedMLP(nn.Module):
         self.activation = activation
         self.hidden = HIDDEN[hidden_activation]
 
+    def linears(self) -> list[StackedLinear]:
+        """The layers, first to last, typed as what they are (an ``nn.ModuleList`` yields plain
+        ``Module`` objects to a type checker)."""
+        return cast("list[StackedLinear]", list(self.layers))
+
     def reset_group_(self, g: int, generator: torch.Generator, out: int | None = None) -> None:
-        for layer in self.layers[:-1]:
+        *hidden, last = self.linears()
+        for layer in hidden:
             layer.reset_group_(g, generator)
-        self.layers[-1].reset_group_(g, generator, out)
+        last.reset_group_(g, generator, out)
 
     def forward(self, x: torch.Tensor,
                 masks: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:

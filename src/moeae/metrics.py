@@ -1,7 +1,7 @@
 """Metrics of an atlas: reconstruction (soft and hard), routing, and chart shape.
 
 All functions take a *snapshot* of one model on a test set (numpy arrays, see
-:meth:`moeae.training.Trainer.evaluate`): ``inputs`` (n, d), ``x_soft`` (n, d), ``x_hard``
+:func:`moeae.training.evaluate`): ``inputs`` (n, d), ``x_soft`` (n, d), ``x_hard``
 (n, d), ``chart`` (n,), ``probs`` (n, E), ``latents`` (E, n, k).
 
 - MSE: mean over points and coordinates of the squared error (the seed's measure).
@@ -26,12 +26,14 @@ import math
 
 import numpy as np
 
-__all__ = ["snapshot_metrics", "aggregate", "atlas_embedding", "chart_shape", "USED_FRACTION"]
+__all__ = ["snapshot_metrics", "aggregate", "atlas_embedding", "chart_shape", "fvu",
+           "USED_FRACTION"]
 
 USED_FRACTION = 0.01  # an expert counts as used when it is the argmax for >= 1% of points
 
 
-def _fvu(x, x_hat) -> float:
+def fvu(x, x_hat) -> float:
+    """Fraction of variance unexplained by ``x_hat`` (n, d) for ``x`` (n, d)."""
     total = ((x - x.mean(0)) ** 2).sum(1).mean()
     return float(((x - x_hat) ** 2).sum(1).mean() / max(total, 1e-300))
 
@@ -117,8 +119,8 @@ def snapshot_metrics(snap: dict, t: np.ndarray | None = None, closed: bool = Fal
     out = {
         "mse_soft": float(((x - snap["x_soft"]) ** 2).mean()),
         "mse_hard": float(((x - snap["x_hard"]) ** 2).mean()),
-        "fvu_soft": _fvu(x, snap["x_soft"]),
-        "fvu_hard": _fvu(x, snap["x_hard"]),
+        "fvu_soft": fvu(x, snap["x_soft"]),
+        "fvu_hard": fvu(x, snap["x_hard"]),
         "experts_used": int((counts >= USED_FRACTION * n).sum()),
         "top_prob": float(probs.max(1).mean()),
         "entropy": float(-(probs * np.log(p)).sum(1).mean()),

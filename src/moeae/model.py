@@ -42,6 +42,15 @@ class MoEAE(nn.Module):
         ``E_m`` for each model of the population; default ``[cfg.n_experts]``.
     """
 
+    # Buffers, declared for type checkers (registered in __init__; nn.Module's attribute
+    # lookup would otherwise type each as "Tensor | Module").
+    expert_model: torch.Tensor  # (G,) the model each expert belongs to
+    expert_slot: torch.Tensor  # (G,) the expert's index within its model
+    expert_valid: torch.Tensor  # (M, E) model m has an expert e
+    shift: torch.Tensor  # (M, 1, d) input centre
+    scale: torch.Tensor  # (M, 1, 1) input scale
+    active: torch.Tensor  # (M, E) experts the router may pick
+
     def __init__(self, cfg: ModelConfig, experts_per_model: Sequence[int] | None = None):
         super().__init__()
         counts = list(experts_per_model or [cfg.n_experts])
@@ -90,7 +99,7 @@ class MoEAE(nn.Module):
         ``dropout`` (training only) draws each model's masks from that model's own stream.
         """
         u = (x - self.shift) / self.scale  # (M, B, d)
-        masks = [None] * 3
+        masks: Sequence[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * 3
         if dropout is not None:
             masks = dropout.draw(self.dropout_sites(), x.shape[1], x.device, x.dtype)
         logits = self.router(u, masks[0])  # (M, B, E)
@@ -122,11 +131,11 @@ class MoEAE(nn.Module):
         g0 = sum(self.counts[:m])
         groups = slice(g0, g0 + self.counts[m])
         E = self.counts[m]
-        for dst, src in zip(one.router.layers, self.router.layers):
+        for dst, src in zip(one.router.linears(), self.router.linears()):
             dst.weight.copy_(src.weight[m:m + 1, :, :dst.out_features])
             dst.bias.copy_(src.bias[m:m + 1, :, :dst.out_features])
         for mine, theirs in ((one.encoder, self.encoder), (one.decoder, self.decoder)):
-            for dst, src in zip(mine.layers, theirs.layers):
+            for dst, src in zip(mine.linears(), theirs.linears()):
                 dst.weight.copy_(src.weight[groups])
                 dst.bias.copy_(src.bias[groups])
         one.shift.copy_(self.shift[m:m + 1])

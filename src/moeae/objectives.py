@@ -107,6 +107,8 @@ class Objective:
             err = err.transpose(1, 2)  # (M, E, B) -> (M, B, E)
             with torch.no_grad():
                 if warm:
+                    if labels is None:
+                        raise ValueError("a warm step needs routing targets (labels)")
                     target = labels
                 else:
                     e = err.masked_fill(~valid[:, None, :], float("inf"))
@@ -114,7 +116,7 @@ class Objective:
                     t = self.tau(progress) * bmean(ref)[:, None, None].clamp_min(1e-12)
                     target = torch.softmax(-e / t, dim=-1)  # (M, B, E)
                 if warm:
-                    weight = labels
+                    weight = target  # the given labels
                 elif self.cfg.expert_weight == "target":
                     weight = target
                 else:

@@ -20,7 +20,7 @@ __all__ = ["FusedAdam"]
 class FusedAdam:
     """Adam (AdamW when ``weight_decay`` > 0) with ``torch.optim.Adam``'s state-dict layout.
 
-    Set :attr:`lr` between steps to schedule the learning rate.
+    Set ``lr`` between steps to schedule the learning rate.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
@@ -39,9 +39,13 @@ class FusedAdam:
 
     @torch.no_grad()
     def step(self) -> None:
-        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
+        idx, grads = [], []
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                idx.append(i)
+                grads.append(p.grad)
         fn = _adamw if self.weight_decay > 0 else _adam
-        fn([self.params[i] for i in idx], [self.params[i].grad for i in idx],
+        fn([self.params[i] for i in idx], grads,
            [self.exp_avg[i] for i in idx], [self.exp_avg_sq[i] for i in idx], [],
            [self.steps[i] for i in idx], foreach=False, fused=True, capturable=False,
            differentiable=False, grad_scale=None, found_inf=None, has_complex=False,

@@ -1,13 +1,18 @@
-"""Figures of trained Mixture-of-Experts autoencoders on curves.
+"""Figures of trained Mixture-of-Experts autoencoders.
 
-Every function takes *snapshots*: dicts of numpy arrays for one model on ``n`` test points (per
-model, as :meth:`moeae.training.Trainer.evaluate` returns them): ``inputs``, ``x_soft``,
-``x_hard`` (n, d); ``chart`` (n,) int, the most probable expert; ``probs`` (n, E);
-``expert_outputs`` (E, n, d); ``latents`` (E, n, k); optionally ``t`` (n,), the curve parameter.
+:func:`plot_run` and :func:`plot_estimator` draw one fitted atlas with :func:`plot_atlas` (what
+``moeae plot`` writes): the hard reconstruction coloured by chart, each chart's coordinate, and
+the training loss. The seed study's figures (``moeae reproduce``) come from the other functions.
+
+:func:`plot_atlas` and the study's figures take *snapshots*: dicts of numpy arrays for one
+model on ``n`` test points (per model, as :func:`moeae.training.evaluate` returns them):
+``inputs``, ``x_soft``, ``x_hard`` (n, d); ``chart`` (n,) int, the most probable expert;
+``probs`` (n, E); ``expert_outputs`` (E, n, d); ``latents`` (E, n, k); optionally ``t`` (n,),
+the curve parameter.
 
 Points are drawn in 2-D for ``d == 2``, on 3-D axes for ``d == 3`` and on the first two principal
 components of ``inputs`` for ``d > 3`` (the title then ends in " (PCA)"). Each function writes a
-PNG at dpi 100 and returns ``path``.
+figure at dpi 100 (PNG, or PDF/SVG by the file's suffix), atomically, and returns ``path``.
 
 Figures are built on :class:`matplotlib.figure.Figure` directly rather than through pyplot, so
 the module never selects a backend, leaves an interactive one alone and keeps no open figures.
@@ -15,20 +20,32 @@ the module never selects a backend, leaves an interactive one alone and keeps no
 
 from __future__ import annotations
 
+import io
+import json
+from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection, PathCollection
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-__all__ = ["plot_vanilla", "plot_grid_functions", "plot_grid_epochs", "plot_charts"]
+from .atomic import atomic_write_bytes
+from .metrics import fvu
+
+__all__ = ["plot_atlas", "plot_estimator", "plot_run", "plot_vanilla", "plot_grid_functions",
+           "plot_grid_epochs", "plot_charts"]
+
+FORMATS = ("png", "pdf", "svg")  # figure files by suffix
 
 _LINE_STRIDE = 10  # a grey line from every 10th input to its reconstruction, as the reference
 # matplotlib's candidate order for loc="best" (codes 1 to 10, less "right" = "center right")
-_BEST_ORDER = ("upper right", "upper left", "lower left", "lower right", "center right",
-               "center left", "lower center", "upper center", "center")
+_Loc = Literal["upper right", "upper left", "lower left", "lower right", "center right",
+               "center left", "lower center", "upper center", "center"]
+_BEST_ORDER: tuple[_Loc, ...] = get_args(_Loc)
 
 
 def _projector(inputs: np.ndarray):
@@ -99,7 +116,7 @@ def _draw_panel(ax, snap: dict, reconstruction: str = "x_soft", title: str = "",
     if dim == 2:
         segments = np.stack([inp[::_LINE_STRIDE], rec[::_LINE_STRIDE]], axis=1)  # (m, 2, 2)
         # zorder 2 puts the lines above the points, as plt.plot did in the reference.
-        ax.add_collection(LineCollection(segments, colors="black", alpha=0.1, zorder=2))
+        ax.add_collection(LineCollection(list(segments), colors="black", alpha=0.1, zorder=2))
         ax.set_aspect("equal")
         # at most ~3 ticks per axis: tick labels are most of a panel's drawing time (the 20-panel
         # epochs grid: ~2.0 s of CPU against ~2.5-3.0 s with matplotlib's default ticks)
@@ -120,26 +137,26 @@ def _place_legends(fig: Figure) -> None:
     loc="best" does the same search, but re-collects every point as a list of rows for each of
     the 9 candidates on every layout and draw pass (~25 ms a panel); this runs once, vectorised.
     """
-    renderer = fig.canvas.get_renderer()
+    renderer = cast(FigureCanvasAgg, fig.canvas).get_renderer()
     for ax in fig.axes:
         leg = ax.get_legend()
         if leg is None or ax.name == "3d":
             continue
         ax.apply_aspect()  # the final axes box, as drawn
-        pts = [c.get_offset_transform().transform(c.get_offsets())
-               for c in ax.collections if isinstance(c, PathCollection)]
-        pts = np.concatenate(pts) if pts else np.zeros((0, 2))
+        offsets = [c.get_offset_transform().transform(c.get_offsets())
+                   for c in ax.collections if isinstance(c, PathCollection)]
+        pts = np.concatenate(offsets) if offsets else np.zeros((0, 2))
         w, h = leg.get_window_extent(renderer).size
         pad = leg.borderaxespad * renderer.points_to_pixels(leg.prop.get_size_in_points())
         x0, y0, x1, y1 = ax.bbox.padded(-pad).extents
         xs = {"left": x0, "center": (x0 + x1 - w) / 2, "right": x1 - w}
         ys = {"lower": y0, "center": (y0 + y1 - h) / 2, "upper": y1 - h}
-        best, best_count = None, np.inf
+        best, best_count = _BEST_ORDER[0], len(pts) + 1
         for loc in _BEST_ORDER:
             vert, _, horiz = loc.rpartition(" ")
             x, y = xs[horiz], ys[vert or "center"]
-            count = np.count_nonzero((pts[:, 0] > x) & (pts[:, 0] < x + w)
-                                     & (pts[:, 1] > y) & (pts[:, 1] < y + h))
+            count = int(np.count_nonzero((pts[:, 0] > x) & (pts[:, 0] < x + w)
+                                     & (pts[:, 1] > y) & (pts[:, 1] < y + h)))
             if count < best_count:
                 best, best_count = loc, count
             if count == 0:
@@ -147,28 +164,46 @@ def _place_legends(fig: Figure) -> None:
         if hasattr(leg, "set_loc"):
             leg.set_loc(best)
         else:  # matplotlib 3.7
-            leg._loc = leg.codes[best]
+            leg._loc = leg.codes[best]  # type: ignore[attr-defined]  # private before 3.8
 
 
-def _fixed_layout(fig: Figure) -> None:
+# left, right, bottom, top margins and the gaps between panels, in inches
+_MARGINS = (0.6, 0.2, 0.4, 0.4, 0.75, 0.75)  # tick labels and one-line titles
+_LABELLED_MARGINS = (0.7, 0.3, 0.6, 0.6, 1.3, 0.75)  # also axis labels, two-line titles
+
+
+def _fixed_layout(fig: Figure, margins: tuple[float, ...] = _MARGINS) -> None:
     """Margins in inches for tick labels and titles, instead of a tight layout: measuring
     every tick label's extent took 1.7 s of the 20-panel figure's 6.6 s."""
     W, H = fig.get_size_inches()
-    rows, cols = fig.axes[0].get_subplotspec().get_gridspec().get_geometry()
-    left, right, bottom, top, gap_w, gap_h = 0.6, 0.2, 0.4, 0.4, 0.75, 0.75  # inches
+    spec = fig.axes[0].get_subplotspec()
+    assert spec is not None, "figures here are grids of subplots"
+    rows, cols = spec.get_gridspec().get_geometry()
+    left, right, bottom, top, gap_w, gap_h = margins
     panel_w = (W - left - right - gap_w * (cols - 1)) / cols
     panel_h = (H - bottom - top - gap_h * (rows - 1)) / rows
     fig.subplots_adjust(left=left / W, right=1 - right / W, bottom=bottom / H, top=1 - top / H,
                         wspace=gap_w / panel_w, hspace=gap_h / panel_h)
 
 
-def _save(fig: Figure, path):
+def _format(path) -> str:
+    fmt = Path(path).suffix.lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise ValueError(f"{path}: unsupported figure type {Path(path).suffix!r}; use "
+                         f"{', '.join('.' + f for f in FORMATS)}")
+    return fmt
+
+
+def _save(fig: Figure, path, margins: tuple[float, ...] = _MARGINS):
+    fmt = _format(path)
     FigureCanvasAgg(fig)
-    _fixed_layout(fig)
+    _fixed_layout(fig, margins)
     _place_legends(fig)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
     # zlib level 1: a third of the default level's encoding time for a slightly larger file
-    fig.savefig(path, dpi=100, pil_kwargs={"compress_level": 1})
+    extra: dict[str, Any] = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
+    fig.savefig(buf, format=fmt, dpi=100, **extra)
+    atomic_write_bytes(path, buf.getvalue())  # an old figure stays whole if drawing fails
     return path
 
 
@@ -277,3 +312,189 @@ def plot_charts(grid: dict[tuple[str, int], dict], path: str | PathLike):
         ax.set_ylabel("chart coordinate z")
         ax.set_title(f"{name}, {n_exp} experts: chart coordinate z vs {against}")
     return _save(fig, path)
+
+
+# -- one fitted atlas (``moeae plot``) ----------------------------------------------------------
+def plot_atlas(snapshot: dict[str, Any], path: str | PathLike,
+               loss: Sequence[float] | None = None, title: str = "atlas"):
+    """Draw one fitted atlas in three panels and write it to ``path``.
+
+    Left: the hard reconstruction ``x_hard`` coloured by ``chart`` over the inputs in grey (on
+    3-D axes for 3 features, on the first two principal components above 3). Middle: each
+    point's chart coordinate ``z0`` against the true parameter ``t`` when the snapshot has a
+    1-D ``t``, else drawn on the inputs as a colour, so a chart shows as one smooth gradient and
+    a chart boundary as a jump. Right: the training loss per epoch.
+
+    Parameters
+    ----------
+    snapshot : dict
+        One model's outputs on ``n`` points (see the module docstring); uses ``inputs``,
+        ``x_hard`` (n, d), ``chart`` (n,), ``latents`` (E, n, k) and optionally ``t`` (n,).
+    path : str or PathLike
+        Figure to write, 15 x 5 inches at dpi 100; ``.png``, ``.pdf`` or ``.svg``.
+    loss : sequence of float, optional
+        Training loss per epoch; an empty or missing history leaves the panel with a note.
+    title : str, default="atlas"
+        What was fitted, for the first panel's title.
+
+    Returns
+    -------
+    str or PathLike
+        ``path``.
+    """
+    _format(path)  # an unsupported suffix fails before any drawing
+    inputs = np.asarray(snapshot["inputs"])
+    chart = np.asarray(snapshot["chart"]).astype(int)
+    n = chart.shape[0]
+    latents = np.asarray(snapshot["latents"])
+    z = latents[chart, np.arange(n), 0]  # (n,): each point's first coordinate in its chart
+    project, dim, suffix = _projector(inputs)
+    fig = Figure(figsize=(15, 5))
+
+    ax = _add_axes(fig, 1, 3, 1, snapshot)
+    drawn = project(inputs)
+    _scatter(ax, drawn, color="0.8", s=10, label="input")
+    hard = project(snapshot["x_hard"])
+    for i, mask in _chart_groups(chart):
+        _scatter(ax, hard[mask], color=f"C{i + 1}", s=6, label=f"chart {i} ({mask.sum()})")
+    if dim == 3:
+        ax.computed_zorder = False  # draw charts over the grey inputs, not sorted by depth
+    _few_ticks(ax, dim)
+    ax.set_title(f"{title}: hard reconstruction{suffix}\n"
+                 f"FVU {fvu(inputs, snapshot['x_hard']):.2g}, {len(np.unique(chart))} charts "
+                 "used", fontsize=10)
+    _legend(ax, markerscale=2, fontsize=8)
+
+    t = snapshot.get("t")
+    k = latents.shape[-1]
+    if t is not None and np.ndim(t) == 1:
+        ax = fig.add_subplot(1, 3, 2)
+        for i, mask in _chart_groups(chart):
+            ax.scatter(np.asarray(t)[mask], z[mask], color=f"C{i + 1}", s=6)
+        ax.set_xlabel("t (the true parameter)")
+        ax.set_ylabel("chart coordinate z" if k == 1 else "chart coordinate z0")
+        ax.set_title("each chart's coordinate against t", fontsize=10)
+    else:
+        ax = _add_axes(fig, 1, 3, 2, snapshot)
+        dots = _scatter(ax, drawn, c=z, cmap="viridis", s=6)
+        _few_ticks(ax, dim)
+        # an inset moves with the panel, unlike fig.colorbar; on 3-D axes the z tick labels
+        # take the right side, and the upper left corner is free
+        box, side = ([0.03, 0.92, 0.35, 0.03], "horizontal") if dim == 3 else \
+            ([1.03, 0.1, 0.03, 0.8], "vertical")
+        bar = fig.colorbar(dots, cax=ax.inset_axes(box), orientation=side,
+                           ticks=MaxNLocator(3 if dim == 3 else 4))
+        bar.ax.tick_params(labelsize=8)
+        name = "z" if k == 1 else f"z0 (of {k})"
+        ax.set_title(f"chart coordinate {name} on the inputs{suffix}", fontsize=10)
+
+    ax = fig.add_subplot(1, 3, 3)
+    history = [float(v) for v in (loss if loss is not None else [])]
+    if history:
+        epochs = np.arange(1, len(history) + 1)
+        ax.plot(epochs, history, color="C0", marker="." if len(history) < 30 else None)
+        if min(history) > 0:
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_title(f"training loss (last {history[-1]:.3g})", fontsize=10)
+    else:
+        ax.text(0.5, 0.5, "no training history", ha="center", transform=ax.transAxes)
+        ax.set_title("training loss", fontsize=10)
+    return _save(fig, path, _LABELLED_MARGINS)
+
+
+def _few_ticks(ax, dim: int) -> None:
+    """Equal scales in 2-D; at most ~4 ticks per axis, so 3-D tick labels do not collide."""
+    if dim == 2:
+        ax.set_aspect("equal")
+        ax.locator_params(nbins=4)
+        return
+    for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
+        axis.set_major_locator(MaxNLocator(4))
+    ax.tick_params(labelsize=8)
+
+
+def plot_estimator(estimator, X, path: str | PathLike, t=None, title: str = "atlas"):
+    """Draw a fitted :class:`~moeae.MoEAutoencoder` on ``X`` with :func:`plot_atlas`.
+
+    Parameters
+    ----------
+    estimator : MoEAutoencoder
+        A fitted estimator; its ``history_`` gives the loss panel.
+    X : array-like of shape (n_samples, n_features)
+        Points to encode and reconstruct, e.g. the training data.
+    path : str or PathLike
+        Figure to write (``.png``, ``.pdf`` or ``.svg``).
+    t : array-like of shape (n_samples,), optional
+        The true parameter of each point, when known (the datasets return it).
+    title : str, default="atlas"
+        What was fitted, for the first panel's title.
+
+    Returns
+    -------
+    str or PathLike
+        ``path``.
+    """
+    from sklearn.utils.validation import check_is_fitted, validate_data
+
+    check_is_fitted(estimator)
+    X = validate_data(estimator, X, dtype=np.float64, reset=False)
+    snapshot = _snapshot(estimator.model_, X, t)
+    return plot_atlas(snapshot, path, loss=list(estimator.history_), title=title)
+
+
+def _snapshot(model, X: np.ndarray, t) -> dict[str, Any]:
+    import torch
+
+    from .run import as_population
+    from .training import evaluate
+
+    snapshot = {k: v[0] for k, v in evaluate(model, as_population(X, torch.float64)).items()}
+    if t is not None:
+        snapshot["t"] = np.asarray(t)
+    return snapshot
+
+
+def plot_run(run_dir: str | PathLike, path: str | PathLike | None = None, X=None, t=None):
+    """Draw the model of a run folder (``moeae train``) with :func:`plot_atlas`.
+
+    Parameters
+    ----------
+    run_dir : str or PathLike
+        The run folder.
+    path : str or PathLike, optional
+        Figure to write (``.png``, ``.pdf`` or ``.svg``); default ``run_dir/plot.png``.
+    X : array-like of shape (n_samples, n_features), optional
+        Points to draw; default the run's own test set (with its parameter ``t``), else the
+        training data (or the sample of it that the run evaluates on).
+    t : array-like of shape (n_samples,), optional
+        The true parameter of each point of ``X``, when known.
+
+    Returns
+    -------
+    Path
+        The figure written.
+    """
+    from .checkpoint import load_npz
+    from .run import RunError, load_model
+
+    run_dir = Path(run_dir)
+    model, config = load_model(run_dir)
+    if X is None:  # the points the run evaluates on: its test set, else (a sample of) its data
+        data = load_npz(run_dir / "data.npz")
+        X = next(data[k] for k in ("X_test", "X_eval", "X_train") if k in data)
+        t = data.get("t_test") if t is None else t
+    loss = []
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        try:
+            loss = [float(r["train_loss"]) for r in json.loads(metrics.read_text())]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise RunError(f"{metrics}: unreadable metrics ({exc!r})") from None
+    info = config.get("data", {})
+    name = info.get("name") or Path(info.get("file", run_dir.name)).name
+    path = Path(path) if path is not None else run_dir / "plot.png"
+    return plot_atlas(_snapshot(model, np.asarray(X, dtype=np.float64), t), path, loss=loss,
+                      title=f"{name}, {model.cfg.n_experts} experts")
+

@@ -30,11 +30,12 @@ from .checkpoint import (
     write_json,
 )
 from .config import ModelConfig, TrainConfig, from_dict, to_dict
+from .data import check_trainable
 from .distributed import SINGLE, Context
 from .metrics import snapshot_metrics
 from .model import MoEAE
 from .training import Trainer, evaluate, resolve_device
-from .working_set import release_pages
+from .working_set import read_rows, release_pages
 
 __all__ = ["RunError", "train_run", "resume_run", "load_model", "encode", "decode",
            "evaluate_run", "RUN_FILES"]
@@ -159,14 +160,18 @@ def train_run(run_dir, X: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainCo
     """
     run_dir = Path(run_dir)
     mapped = isinstance(X, np.memmap)
+    filename = str(X.filename) if isinstance(X, np.memmap) else None
     if not mapped:
         X = np.asarray(X, dtype=np.float64)
     model_cfg = dataclasses.replace(model_cfg, n_features=X.shape[1])
     check_configs(model_cfg, train_cfg, *X.shape)
+    info = data_info or {}
+    check_trainable(X, str(info.get("file") or info.get("name") or "X"),
+                 n_charts=model_cfg.n_experts)
     device = resolve_device(train_cfg.device)
     data_info = dict(data_info or {})
     if mapped:
-        data_info.update(file=str(Path(X.filename).resolve()), shape=list(X.shape),
+        data_info.update(file=str(Path(str(filename)).resolve()), shape=list(X.shape),
                          dtype=str(X.dtype), mapped=True)
     config = to_dict(model_cfg, train_cfg, data=data_info, closed=closed)
     arrays = {} if mapped else {"X_train": X}
@@ -175,7 +180,7 @@ def train_run(run_dir, X: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainCo
     elif mapped or len(X) > EVAL_MAX:  # a copy of a small sample, never of the whole file
         idx = np.arange(len(X)) if len(X) <= EVAL_MAX else np.sort(
             np.random.default_rng(train_cfg.seed).choice(len(X), EVAL_MAX, replace=False))
-        arrays["X_eval"] = np.asarray(X[idx], dtype=np.float64)
+        arrays["X_eval"] = read_rows(X, idx, np.float64)  # pread: no pages of a map kept
     if t_test is not None:
         arrays["t_test"] = np.asarray(t_test)
 
@@ -362,8 +367,8 @@ def decode(model: MoEAE, codes: np.ndarray, chunk: int = CODE_CHUNK,
     device, dtype = model.shift.device, model.shift.dtype
     out = np.empty((len(codes), model.cfg.n_features))
     for i in range(0, len(codes), chunk):
-        c = torch.as_tensor(chart[i:i + chunk].astype(np.int64), device=device)[None]
-        z = torch.as_tensor(codes[i:i + chunk, 1:], dtype=dtype, device=device)[None]
+        c = torch.tensor(chart[i:i + chunk].astype(np.int64), device=device)[None]
+        z = torch.tensor(codes[i:i + chunk, 1:], dtype=dtype, device=device)[None]  # a copy
         out[i:i + chunk] = model.decode(c, z)[0].double().cpu().numpy()
     return out
 

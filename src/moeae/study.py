@@ -12,6 +12,7 @@ import io
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +21,8 @@ import torch
 
 from ._draw import draw_groups
 from .checkpoint import atomic_write_bytes, save_npz, write_json
+from .config import ModelConfig, TrainConfig, to_dict
 from .config import recipe as get_recipe
-from .config import to_dict
 from .datasets import get_dataset
 from .metrics import aggregate, snapshot_metrics
 from .model import MoEAE
@@ -37,23 +38,25 @@ TABLE_KEYS = ["dataset", "n_experts", "epoch"]
 
 @dataclass
 class StudySpec:
-    out: Path = Path("results")  # output folder
-    recipe: str = "seed"  # "seed" | "best"
-    epochs: int | None = None  # None: the recipe's
-    seed: int = 0  # data seed and first model seed
-    seeds: int = 1  # models per configuration (seeds seed, seed+1, ...)
+    """What ``moeae reproduce`` runs, and where it writes (``timings`` is filled in)."""
+
+    out: Path = Path("results")  #: output folder
+    recipe: str = "seed"  #: "seed" | "best"
+    epochs: int | None = None  #: None: the recipe's
+    seed: int = 0  #: data seed and first model seed
+    seeds: int = 1  #: models per configuration (seeds seed, seed+1, ...)
     device: str = "auto"
     datasets: tuple[str, ...] = SEED_DATASETS
     experts: tuple[int, ...] = SEED_EXPERTS
-    n_train: int = 1000  # random training points per curve
-    n_test: int = 1000  # evenly spaced test points per curve
-    shards: int | None = None  # populations the models are split into; the numbers depend
-    #                            on it, so it is fixed: None is 2 on the CPU, 1 on a GPU
-    processes: int = 1  # CPU processes that train the shards side by side
+    n_train: int = 1000  #: random training points per curve
+    n_test: int = 1000  #: evenly spaced test points per curve
+    # the numbers depend on the split, so it is fixed by the device, not by the process count
+    shards: int | None = None  #: populations the models form (None: 2 on a CPU, 1 on a GPU)
+    processes: int = 1  #: CPU processes that train the shards side by side
     figures: bool = True
-    snapshots: bool = True  # write per-epoch snapshots of the first seed
+    snapshots: bool = True  #: write per-epoch snapshots of the first seed
     progress: bool = False
-    timings: dict = field(default_factory=dict)  # filled in: seconds per phase
+    timings: dict = field(default_factory=dict)  #: filled in: seconds per phase
 
 
 def _spread(last: int, most: int) -> list[int]:
@@ -75,11 +78,12 @@ def _csv_bytes(rows: list[dict]) -> bytes:
     return buf.getvalue().encode()
 
 
-def _balance(costs: list[float], n: int) -> list[list[int]]:
+def _balance(costs: Sequence[float], n: int) -> list[list[int]]:
     """Split items into at most ``n`` groups of similar total cost: largest first onto the
     least loaded group (ties: the earlier group). Each group lists item indices in order."""
     n = max(1, min(n, len(costs)))
-    load, groups = [0.0] * n, [[] for _ in range(n)]
+    load = [0.0] * n
+    groups: list[list[int]] = [[] for _ in range(n)]
     for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
         j = load.index(min(load))
         load[j] += costs[i]
@@ -96,8 +100,8 @@ class _Shard:
     """What one process trains: models ``members`` (global index, dataset, experts, seed)."""
 
     spec: StudySpec
-    model_cfg: object
-    train_cfg: object
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
     data: dict
     members: list[tuple[int, str, int, int]]
     device: torch.device
@@ -274,7 +278,7 @@ def figure_groups(out: Path, keep: dict, spec: StudySpec, last: int) -> list[lis
     are drawn side by side (:func:`moeae._draw.draw_groups`)."""
     fig_dir = out / "figures"
     final = {(n, E): keep[(n, E, last)] for n in spec.datasets for E in spec.experts}
-    jobs = []  # (panels, (plot function, args, kwargs))
+    jobs: list[tuple[int, tuple[str, tuple, dict]]] = []  # (panels, (function, args, kwargs))
     if "circle" in spec.datasets:
         circles = {(e, E): keep[("circle", E, e)] for e in _spread(last, 5)
                    for E in spec.experts}

@@ -139,7 +139,7 @@ class Trainer:
         self.model.reset_parameters(self.seeds)
         with torch.no_grad():
             if self.cfg.standardize:
-                S = data.stats_rows(self.seeds)
+                S = data.stats_rows()
                 shift = S.mean(dim=1, keepdim=True)  # (M, 1, d)
                 # one overall scale keeps the geometry: RMS distance to the mean
                 scale = ((S - shift) ** 2).sum(-1).mean(1).sqrt()[:, None, None]  # (M, 1, 1)
@@ -184,8 +184,8 @@ class Trainer:
         # made the figure-8 fail more often (5 of 10 starts against 3 of 10)
         k = min(self.cfg.relabel_neighbors, X.shape[1])
         src = X if X.device.type != "cpu" else X.numpy()
-        knn = [kneighbors(x, k)[1] for x in src]
-        knn = torch.as_tensor(np.stack(knn), device=self.device)  # (M, n, k)
+        lists = [kneighbors(x, k)[1] for x in src]
+        knn = torch.as_tensor(np.stack(lists), device=self.device)  # (M, n, k)
         return self.ctx.broadcast_(knn)  # the same lists on every rank
 
     @torch.no_grad()
@@ -213,9 +213,12 @@ class Trainer:
         ref = torch.where(valid, err, 0.0).sum((1, 2)) / (valid.sum((1, 2)) * err.shape[1])
         tau = self.tau(progress) * ref.clamp_min(1e-12)[:, None, None]  # (M, 1, 1)
         r = torch.softmax(-err / tau, dim=-1)  # (M, n, E)
-        k = self.knn.shape[-1]
+        knn = self.knn
+        if knn is None:
+            raise RuntimeError("relabel needs the neighbour lists of initialize()")
+        k = knn.shape[-1]
         E = r.shape[-1]
-        idx = self.knn.reshape(M, n * k, 1).expand(-1, -1, E)
+        idx = knn.reshape(M, n * k, 1).expand(-1, -1, E)
         r = r.gather(1, idx).view(M, n, k, E).mean(2)  # (M, n, E)
         if self.cfg.relabel_hard:  # winner takes the point: overlaps shrink, ties resolve
             r = torch.nn.functional.one_hot(r.argmax(-1), E).to(r.dtype)
@@ -243,17 +246,19 @@ class Trainer:
         """Clip each model's global gradient norm separately (models stay independent)."""
         m = self.model
         # Router weights have one group per model; encoder/decoder weights one per expert.
-        owned = [(m.router.parameters(), None),
-                 (list(m.encoder.parameters()) + list(m.decoder.parameters()), m.expert_model)]
-        owned = [(p, owner) for params, owner in owned for p in params if p.grad is not None]
+        groups = [(list(m.router.parameters()), None),
+                  (list(m.encoder.parameters()) + list(m.decoder.parameters()), m.expert_model)]
+        owned = [(p.grad, owner) for params, owner in groups for p in params
+                 if p.grad is not None]
         sq = torch.zeros(m.n_models, device=self.device)
-        for p, owner in owned:
-            per_group = p.grad.pow(2).flatten(1).sum(1)  # (groups,)
+        for grad, owner in owned:
+            per_group = grad.pow(2).flatten(1).sum(1)  # (groups,)
             sq = sq + per_group if owner is None else sq.index_add(0, owner, per_group)
-        factor = (self.cfg.grad_clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # (M,)
-        for p, owner in owned:
+        clip = float(self.cfg.grad_clip or 0.0)
+        factor = (clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # (M,)
+        for grad, owner in owned:
             f = factor if owner is None else factor[owner]
-            p.grad.mul_(f.view(-1, *([1] * (p.grad.dim() - 1))))
+            grad.mul_(f.view(-1, *([1] * (grad.dim() - 1))))
 
     # -- the loop ---------------------------------------------------------------------------
     def planned_steps(self, n: int, epochs: int) -> int:
@@ -268,8 +273,8 @@ class Trainer:
         warm = self.labels is not None and epoch < cfg.warm_start_epochs
         if W == data.n:
             X = data.full()
-        elif warm:  # the warm start trains where the atlas was built
-            X = data.gather(self.anchor.numpy())
+        elif warm and self.anchor is not None:  # the warm start trains where the atlas was
+            X = data.gather(self.anchor.numpy())  # built
         else:  # a fresh working set, each model from its own stream
             X = data.gather(np.stack([draw_indices(data.n, W, g) for g in self.shuffle_gens]))
         perm = torch.stack([torch.randperm(W, generator=g) for g in self.shuffle_gens])

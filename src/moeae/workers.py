@@ -80,9 +80,11 @@ class Worker:
         child.close()
 
     def submit(self, fn: Callable, *args, **kwargs) -> None:
+        """Queue ``fn(*args, **kwargs)`` in the worker (``fn`` and its arguments pickled)."""
         self._conn.send((fn, args, kwargs))
 
     def result(self) -> Any:
+        """The oldest unanswered job's return value; its exception is raised here."""
         try:
             ok, value = self._conn.recv()
         except EOFError:
@@ -94,6 +96,7 @@ class Worker:
         return value
 
     def close(self) -> None:
+        """Ask the worker to finish its jobs and exit, and wait for it."""
         try:
             self._conn.send(None)
         except OSError:  # already gone

@@ -11,15 +11,15 @@ memory-mapped file of 10^7 points trains in the memory that 2000 points need.
 :class:`TrainingData` holds the data of a population: a tensor ``(M, n, d)`` with one data set
 per model (the seed study's curves), or one array ``(n, d)`` shared by every model (the
 estimator's starts, a sweep's seeds): an ``np.ndarray`` or an ``np.memmap``, whose rows are read
-only when a working set needs them. Pages of a memory map that were read count in a process's
-resident memory until they are unmapped, so after each read they are released again
-(``madvise(MADV_DONTNEED)``; they stay in the page cache, which is not the process's memory).
+only when a working set needs them, with ``os.pread`` (:func:`read_rows`). Pages of a memory map
+that were read through it count in a process's resident memory until they are unmapped; pages
+read by a system call stay in the page cache, which is not the process's memory. Chunked scans
+through a map release its pages after each chunk (:func:`release_pages`).
 """
 
 from __future__ import annotations
 
 import mmap
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ def read_rows(X, idx: np.ndarray, dtype=np.float32) -> np.ndarray:
     name, offset = where
     size = X.shape[1] * X.dtype.itemsize
     rows = np.empty((len(idx), X.shape[1]), dtype=X.dtype)
-    buf = memoryview(rows).cast("B")
+    buf = rows.data.cast("B")  # the rows' bytes
     fd = os.open(name, os.O_RDONLY)
     try:
         for j, i in enumerate(idx.tolist()):
@@ -141,17 +141,18 @@ class TrainingData:
             X = self.full()
             i = torch.as_tensor(idx, device=self.device)
             return X.gather(1, i[..., None].expand(-1, -1, self.d))  # (M, w, d)
+        if (idx == idx[:1]).all():  # the same rows for every model (the anchor): read once
+            one = torch.from_numpy(read_rows(self.array, idx[0], _np(self.dtype)))
+            return one[None].expand(len(idx), -1, -1).to(self.device)  # (M, w, d)
         rows = np.stack([read_rows(self.array, i, _np(self.dtype)) for i in idx])  # (M, w, d)
         return torch.from_numpy(rows).to(self.device)
 
-    def stats_rows(self, seeds: Sequence[int]) -> torch.Tensor:
+    def stats_rows(self) -> torch.Tensor:
         """The points input scaling is computed from: (M, s, d), all of them up to
-        :data:`STATS_MAX`, else a sample drawn from each model's seed."""
+        :data:`STATS_MAX`, else a fixed sample of that many (the same for every model)."""
         if self.n <= STATS_MAX:
             return self.full()
-        idx = np.stack([np.sort(np.random.default_rng(s).choice(self.n, STATS_MAX,
-                                                                 replace=False)) for s in seeds])
-        return self.gather(idx)
+        return self.gather(self.anchor(STATS_MAX, seed=1))
 
     def anchor(self, size: int, seed: int = 0) -> np.ndarray:
         """A fixed sample of ``size`` points, the same for every model, (M, size): where the
