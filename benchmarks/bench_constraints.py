@@ -31,6 +31,8 @@ from moeae import MoEAutoencoder
 from moeae import datasets as ds
 from moeae.geometry import distance_ratio_spread, great_circle, speed_cv, swiss_roll_arclength
 
+FIGURES = None  # --figures DIR: z against arc length (curves), chart graphs (orient)
+
 CURVES = {"circle": (ds.make_circle, 2, True), "figure8": (ds.make_figure8, 2, True),
           "spiral": (ds.make_spiral, 4, False)}
 
@@ -55,6 +57,15 @@ def part_curves(seeds, rows):
                 est, sec = fit(X, iso, seed, n_experts=E, latent_dim=1)
                 chart, z = codes_of(est, Xt)
                 cv = speed_cv(chart, z, Xt, tt, closed)
+                if FIGURES and seed == 0:
+                    from moeae.plot_geometry import plot_arclength
+                    from moeae.run import as_population
+                    from moeae.training import evaluate
+
+                    ev = evaluate(est.model_, as_population(Xt, est.model_.shift.dtype))
+                    snap = {k: v[0] for k, v in ev.items()} | {"t": tt}
+                    plot_arclength({f"{name}, isometric={iso}": snap},
+                                   f"{FIGURES}/arclength_{name}_{'iso' if iso else 'plain'}.png")
                 row = {"part": "curves", "data": name, "seed": seed, "isometric": iso,
                        "fit_s": sec, "fvu_hard": est.reconstruction_error(Xt),
                        "speed_cv_max": max(cv.values()), "speed_cv": cv}
@@ -95,6 +106,10 @@ def part_orient(seeds, rows, iso=None, only=None, first_seed=0):
             X, _ = make(2000, seed)
             est, sec = fit(X, iso, seed, n_experts=4, latent_dim=2)
             tr = est.transitions()
+            if FIGURES and seed == 0:
+                from moeae.plot_geometry import plot_chart_graph
+
+                plot_chart_graph(tr, 4, f"{FIGURES}/graph_{name}.png", title=name)
             row = {"part": "orient", "data": name, "seed": seed, "isometric": iso,
                    "fit_s": sec, "fvu_hard": est.reconstruction_error(X),
                    "orientable": est.orientable(), "pieces": len(tr),
@@ -151,7 +166,14 @@ def main():
     p.add_argument("--first-seed", type=int, default=0, help="orient: first seed (default: 0)")
     p.add_argument("--sample-isometric", action="store_true",
                    help="fit the sample part's models with isometric=True (default: off)")
+    p.add_argument("--figures", default=None, help="folder for figures (default: none)")
     args = p.parse_args()
+    global FIGURES
+    FIGURES = args.figures
+    if FIGURES:
+        import os
+
+        os.makedirs(FIGURES, exist_ok=True)
     torch.set_num_threads(1)
     rows: list[dict] = []
     for part in args.part:

@@ -21,11 +21,12 @@ Dimension legend: ``G`` experts of a population, ``B`` batch, ``k`` latent width
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import torch
 
-from .layers import StackedMLP
+from .layers import StackedLinear, StackedMLP
 
 __all__ = ["stacked_jvp", "stretch", "isometry_terms", "speed_cv", "distance_ratio_spread",
            "flat_coordinates", "swiss_roll_arclength", "great_circle"]
@@ -59,7 +60,7 @@ def stacked_jvp(mlp: StackedMLP, x: torch.Tensor, v: torch.Tensor) -> tuple[torc
     B = x.shape[1]
     h = torch.cat([x, v], 1)  # (G, 2B, in): the points, then their tangents
     deriv = _DERIV[_name(mlp)]
-    *hidden, last = mlp.layers
+    *hidden, last = [cast(StackedLinear, layer) for layer in mlp.layers]
     for layer in hidden:
         a = torch.bmm(h, layer.weight)  # (G, 2B, width)
         pre = a[:, :B] + layer.bias  # the tangent gets no bias

@@ -92,7 +92,8 @@ def plot_chart_graph(transitions, n_charts: int, path: str | PathLike, title: st
                                      shrinkB=18))
         mid = (a + b) / 2
         normal = np.array([-(b - a)[1], (b - a)[0]])
-        ax.text(*(mid - rad * normal), "+" if t.sign > 0 else "\N{MINUS SIGN}", color=color,
+        lx, ly = mid - rad * normal
+        ax.text(lx, ly, "+" if t.sign > 0 else "\N{MINUS SIGN}", color=color,
                 ha="center", va="center", fontsize=14, fontweight="bold")
     for e, (x, y) in enumerate(pos):
         ax.scatter([x], [y], s=900, color=f"C{e + 1}", zorder=3)
