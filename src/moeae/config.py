@@ -32,6 +32,7 @@ class ModelConfig:
     width: int = 100  #: hidden units of every MLP (router, encoders, decoders)
     depth: int = 4  #: hidden layers of every MLP
     activation: str = "relu"  #: hidden activation: relu | silu | tanh | softplus
+    chart_activation: str | None = None  #: the experts' hidden activation (None: activation)
     dropout: float = 0.1  #: dropout after each hidden layer
     output_dropout: bool = True  #: seed quirk: dropout also on latents, outputs and router logits
 
