@@ -90,11 +90,11 @@ def plot_chart_graph(transitions, n_charts: int, path: str | PathLike, title: st
         ax.add_patch(FancyArrowPatch(a, b, connectionstyle=f"arc3,rad={rad}",
                                      arrowstyle="-", color=color, lw=2, shrinkA=18,
                                      shrinkB=18))
-        mid = (a + b) / 2
-        normal = np.array([-(b - a)[1], (b - a)[0]])
-        lx, ly = mid - rad * normal
+        # arc3 bends towards mid + rad (dy, -dx); the curve passes half way to that point
+        lx, ly = (a + b) / 2 + 0.5 * rad * np.array([(b - a)[1], -(b - a)[0]])
         ax.text(lx, ly, "+" if t.sign > 0 else "\N{MINUS SIGN}", color=color,
-                ha="center", va="center", fontsize=14, fontweight="bold")
+                ha="center", va="center", fontsize=14, fontweight="bold",
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     for e, (x, y) in enumerate(pos):
         ax.scatter([x], [y], s=900, color=f"C{e + 1}", zorder=3)
         ax.text(x, y, str(e), ha="center", va="center", color="white", fontsize=12,

@@ -111,6 +111,23 @@ def _transition_jacobian(model: MoEAE, a: int, b: int, za: np.ndarray,
     return J.transpose(1, 2, 0)  # (m, k_out, k_in)
 
 
+def _connected(covers: np.ndarray, owner: np.ndarray, charts: list[int],
+               min_points: int) -> bool:
+    """Whether the charts, joined where at least ``min_points`` points of either are covered
+    by both (covers (E, n), owner (n,) each point's chart), form one connected graph."""
+    if len(charts) < 2:
+        return True
+    seen, stack = {charts[0]}, [charts[0]]
+    while stack:
+        a = stack.pop()
+        for b in charts:
+            if b not in seen and (covers[a] & covers[b] & np.isin(owner, (a, b))).sum() \
+                    >= min_points:
+                seen.add(b)
+                stack.append(b)
+    return len(seen) == len(charts)
+
+
 def transition_maps(model: MoEAE, X: np.ndarray, tol: float | None = None, min_points: int = 5,
                     link: float = 1.5, neighbors: int = 10) -> list[Transition]:
     """The transition maps of a population-of-one model on reference points X (n, d) of its
@@ -119,7 +136,9 @@ def transition_maps(model: MoEAE, X: np.ndarray, tol: float | None = None, min_p
     ``tol``: a chart covers a point when it reconstructs it within ``tol`` x the data scale
     (RMS distance to the mean); None: 3 x the 90th percentile of the distance at which each
     point's own chart reconstructs it, at least 0.005 (an overlap no wider than the charts
-    are accurate). Pieces of an overlap are joined by points closer than
+    are accurate), doubled up to three times while the chart graph is not connected. Only
+    points the router gives to a or b count for the pair (a or b's decoder reaching across a
+    third chart's region is not where a and b meet). Pieces are joined by points closer than
     ``link`` x the median distance of a point of X to its ``neighbors``-th nearest (so random
     gaps between neighbours do not split a piece); pieces of fewer than ``min_points`` points
     are left out.
@@ -135,6 +154,13 @@ def transition_maps(model: MoEAE, X: np.ndarray, tol: float | None = None, min_p
     if tol is None:
         own = err[chart, np.arange(len(chart))]
         tol = max(0.005, 3 * float(np.percentile(own, 90)))
+        # a connected manifold has a connected chart graph: widen the overlaps (up to 8x)
+        # while some used chart meets no other
+        used = [e for e in range(E) if model.active[0, e] and (chart == e).any()]
+        for _ in range(3):
+            if _connected(err < tol, chart, used, min_points):
+                break
+            tol *= 2
     covers = err < tol  # (E, n)
     out = []
     for a in range(E):
@@ -143,7 +169,7 @@ def transition_maps(model: MoEAE, X: np.ndarray, tol: float | None = None, min_p
         for b in range(a + 1, E):
             if not model.active[0, b]:
                 continue
-            both = np.flatnonzero(covers[a] & covers[b])
+            both = np.flatnonzero(covers[a] & covers[b] & ((chart == a) | (chart == b)))
             if len(both) < min_points:
                 continue
             pieces = _components(X[both], radius)
