@@ -200,3 +200,13 @@ def test_isometric_overrides():
         with pytest.raises(ValueError, match="isometric"):
             isometric_overrides(bad)
     assert TrainConfig().isometry == 0.0 and ModelConfig().n_features == 2
+
+
+def test_chart_activation_sets_the_experts_hidden_units_only():
+    import torch.nn.functional as F
+
+    mc, _ = recipe("best", chart_activation="silu")
+    m = MoEAE(mc)
+    assert m.encoder.hidden is F.silu and m.decoder.hidden is F.silu
+    assert m.router.hidden is torch.relu
+    assert MoEAE(recipe("best")[0]).encoder.hidden is torch.relu  # default: activation
