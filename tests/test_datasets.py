@@ -88,4 +88,4 @@ def test_bad_parameters(kw, msg):
 def test_get_dataset_lists_valid_names():
     assert ds.get_dataset("figure-8") is ds.DATASETS["figure8"]
     with pytest.raises(ValueError, match="valid names: circle, spiral, figure8"):
-        ds.get_dataset("moebius")
+        ds.get_dataset("klein_bottle")  # (moebius is a data set now)

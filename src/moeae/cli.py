@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="points per epoch; larger data trains each epoch on a fresh random "
                         "sample of this many, so the cost does not grow with the data "
                         "(default: the recipe's, 2000)")
+    t.add_argument("--isometric", type=float, nargs="?", const=1.0, default=None,
+                   metavar="WEIGHT",
+                   help="constrain the charts: each decoder keeps lengths up to one scale per "
+                        "chart, with a guard against folds (moeae.geometry); WEIGHT of both "
+                        "terms, 1 when omitted, 0 turns them off (default: the recipe's)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="where to train (default: auto)")
     _add_progress(t)
@@ -303,7 +308,7 @@ def train_settings(args: argparse.Namespace) -> dict:
     """The settings of ``train``: the --config file's, the command line's over them, then
     :data:`TRAIN_DEFAULTS` for what neither gives (``model.latent_dim`` stays unset: it
     depends on the data)."""
-    from .config import merge_settings, read_config_file
+    from .config import isometric_overrides, merge_settings, read_config_file
 
     base = read_config_file(args.config) if args.config else {"model": {}, "train": {}}
     given = {"data": args.data, "out": args.out, "recipe": args.recipe, "seed": args.seed,
@@ -311,7 +316,7 @@ def train_settings(args: argparse.Namespace) -> dict:
              "model": {"n_experts": args.experts, "latent_dim": args.latent_dim},
              "train": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                        "grad_clip": args.grad_clip, "working_set": args.working_set,
-                       "device": args.device}}
+                       "device": args.device, **isometric_overrides(args.isometric)}}
     settings = merge_settings(base, given)
     settings["model"].setdefault("n_experts", TRAIN_DEFAULTS["experts"])
     for key in ("recipe", "seed", "n_samples", "noise"):

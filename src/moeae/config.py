@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ModelConfig", "TrainConfig", "RECIPES", "recipe", "to_dict", "from_dict",
-           "ConfigError", "RUN_KEYS", "read_config_file", "merge_settings"]
+           "ConfigError", "RUN_KEYS", "read_config_file", "merge_settings",
+           "ISOMETRIC_WEIGHT", "isometric_overrides"]
+
+ISOMETRIC_WEIGHT = 1.0  #: weight of the isometry and folding terms when isometric is True
 
 
 @dataclass
@@ -29,6 +32,7 @@ class ModelConfig:
     width: int = 100  #: hidden units of every MLP (router, encoders, decoders)
     depth: int = 4  #: hidden layers of every MLP
     activation: str = "relu"  #: hidden activation: relu | silu | tanh | softplus
+    chart_activation: str | None = None  #: the experts' hidden activation (None: activation)
     dropout: float = 0.1  #: dropout after each hidden layer
     output_dropout: bool = True  #: seed quirk: dropout also on latents, outputs and router logits
 
@@ -58,6 +62,13 @@ class TrainConfig:
     relabel_hard: bool = False  #: per-epoch targets one-hot (the argmax of the average)
     standardize: bool = False  #: centre inputs and divide by one overall scale
     input_noise: float = 0.0  #: Gaussian noise on (standardized) training inputs
+    isometry: float = 0.0  #: weight of the isometry term: decoders keep lengths up to one scale
+    #:                        per chart (J^T J = s_e^2 I; moeae.geometry)
+    fold_guard: float = 0.0  #: weight of the folding guard: stretches within fold_band of s_e
+    fold_band: float = 2.0  #: c: singular values of each decoder Jacobian kept in [s/c, c s]
+    chart_inverse: float = 0.0  #: weight of E'(D(z)) D'(z) v = v (encoders invert decoders)
+    isometry_points: int = 16  #: per step, the terms at each expert's this many batch points
+    #:                          of most weight (its own points under hard targets)
     working_set: int = 2000  #: points per epoch; larger data: a fresh random sample each epoch
     seed: int = 0  #: initialisation, shuffling, dropout
     device: str = "auto"  #: "auto" | "cpu" | "cuda"
@@ -99,6 +110,24 @@ def recipe(name: str, **overrides: Any) -> tuple[ModelConfig, TrainConfig]:
         else:
             raise TypeError(f"unknown setting {key!r}")
     return model, train
+
+
+def isometric_overrides(isometric) -> dict:
+    """``isometric`` (None, a bool or a weight >= 0) as recipe overrides of the isometry and
+    folding-guard weights; empty for None (the recipe's own)."""
+    if isometric is None:
+        return {}
+    if isinstance(isometric, bool) or type(isometric).__name__ == "bool_":
+        w = ISOMETRIC_WEIGHT if isometric else 0.0
+    elif isinstance(isometric, (int, float)) or hasattr(isometric, "__float__"):
+        w = float(isometric)
+        if not (w >= 0 and w < float("inf")):
+            raise ValueError(f"isometric must be None, a bool or a finite weight >= 0, "
+                             f"got {isometric!r}")
+    else:
+        raise ValueError(f"isometric must be None, a bool or a finite weight >= 0, "
+                         f"got {isometric!r}")
+    return {"isometry": w, "fold_guard": w}
 
 
 def to_dict(model: ModelConfig, train: TrainConfig, **extra: Any) -> dict:

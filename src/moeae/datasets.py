@@ -20,7 +20,9 @@ __all__ = [
     "get_dataset",
     "load_digits",
     "make_circle",
+    "make_cylinder",
     "make_figure8",
+    "make_moebius",
     "make_s_curve",
     "make_sphere",
     "make_spiral",
@@ -154,6 +156,53 @@ def make_s_curve(n_samples=1000, *, noise=0.0, random_state=None):
     return X, np.stack([t, X[:, 1]], 1)
 
 
+def make_moebius(n_samples=1000, *, half_twists=1, radius=1.0, width=0.3, noise=0.0,
+                 random_state=None):
+    """A band around a circle whose cross-section turns ``half_twists`` half turns per loop.
+
+    ``X = ((R + v cos(h u / 2)) cos u, (R + v cos(h u / 2)) sin u, v sin(h u / 2))`` with
+    ``u`` uniform in ``[0, 2 pi)`` and ``v`` uniform in ``[-width, width]`` (uniform in the
+    parameters, not in area). An odd ``h`` (1: the Moebius band) is non-orientable, an even
+    one orientable; ``h = 0`` is a flat annulus.
+
+    Returns ``t`` of shape (n_samples, 2): ``(u, v)``.
+    """
+    _check_common(n_samples, noise)
+    if isinstance(half_twists, bool) or not isinstance(half_twists, (int, np.integer)) \
+            or half_twists < 0:
+        raise ValueError(f"half_twists must be an int >= 0, got {half_twists!r}")
+    if not 0 < width < radius:
+        raise ValueError(f"need 0 < width < radius, got width={width}, radius={radius}")
+    rng = check_random_state(random_state)
+    u = rng.uniform(0.0, 2 * np.pi, size=n_samples)
+    v = rng.uniform(-width, width, size=n_samples)
+    a = 0.5 * half_twists * u
+    ring = radius + v * np.cos(a)
+    X = np.stack([ring * np.cos(u), ring * np.sin(u), v * np.sin(a)], 1)
+    if noise > 0:
+        X = X + noise * rng.standard_normal(X.shape)
+    return X, np.stack([u, v], 1)
+
+
+def make_cylinder(n_samples=1000, *, radius=1.0, height=2.0, noise=0.0, random_state=None):
+    """The side of a cylinder ``(R cos u, R sin u, h)``, ``u`` uniform in ``[0, 2 pi)``, ``h``
+    uniform in ``[0, height]`` (uniform in area). Flat: ``(R u, h)`` are isometric coordinates.
+
+    Returns ``t`` of shape (n_samples, 2): ``(u, h)``.
+    """
+    _check_common(n_samples, noise)
+    if not (radius > 0 and height > 0):
+        raise ValueError(f"need radius > 0 and height > 0, got radius={radius}, "
+                         f"height={height}")
+    rng = check_random_state(random_state)
+    u = rng.uniform(0.0, 2 * np.pi, size=n_samples)
+    h = rng.uniform(0.0, height, size=n_samples)
+    X = np.stack([radius * np.cos(u), radius * np.sin(u), h], 1)
+    if noise > 0:
+        X = X + noise * rng.standard_normal(X.shape)
+    return X, np.stack([u, h], 1)
+
+
 def embed(X, n_features, *, noise=0.0, random_state=None):
     """Place data isometrically into ``R^n_features`` by a random orthonormal map, plus noise.
 
@@ -210,6 +259,8 @@ DATASETS: dict[str, DatasetInfo] = {
     "sphere": DatasetInfo(make_sphere, 2, True, False),
     "torus": DatasetInfo(make_torus, 2, True, False),
     "swiss_roll": DatasetInfo(make_swiss_roll, 2, False, False),
+    "cylinder": DatasetInfo(make_cylinder, 2, True, False),
+    "moebius": DatasetInfo(make_moebius, 2, True, False),
     "s_curve": DatasetInfo(make_s_curve, 2, False, False),
 }
 
@@ -217,7 +268,8 @@ DATASETS: dict[str, DatasetInfo] = {
 def get_dataset(name: str) -> DatasetInfo:
     """Look up a named data set; the error lists the valid names."""
     key = name.replace("-", "_").lower()
-    aliases = {"figure_8": "figure8", "swissroll": "swiss_roll", "scurve": "s_curve"}
+    aliases = {"figure_8": "figure8", "swissroll": "swiss_roll", "scurve": "s_curve",
+               "mobius": "moebius"}
     key = aliases.get(key, key)
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")

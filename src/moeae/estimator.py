@@ -16,7 +16,14 @@ from sklearn.utils import check_array
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import ModelConfig, TrainConfig, from_dict, recipe, to_dict
+from .config import (
+    ModelConfig,
+    TrainConfig,
+    from_dict,
+    isometric_overrides,
+    recipe,
+    to_dict,
+)
 from .data import SCAN_ROWS, check_trainable
 from .model import MoEAE
 from .run import as_population, check_configs, decode, encode
@@ -26,6 +33,7 @@ from .working_set import release_pages
 __all__ = ["MoEAutoencoder"]
 
 SELECT_MAX = 10_000  # the best of n_init starts is judged on at most this many points
+REFERENCE_MAX = 2000  # training codes kept for transition maps and sampling
 
 
 class MoEAutoencoder(TransformerMixin, BaseEstimator):
@@ -54,6 +62,12 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         kept, as k-means keeps its best start. ``"auto"``: 2 for curves (``latent_dim == 1``),
         where a start whose chart boundary drifts onto a self-crossing (the figure-8's waist)
         fails, and 1 otherwise. Each start costs about one more fit of compute.
+    isometric : bool or float, optional
+        Constrain the charts (:mod:`moeae.geometry`): each decoder keeps lengths up to one
+        scale per chart (``J^T J = s_e^2 I``), and a folding guard keeps its stretch within a
+        band around that scale. True uses weight ``moeae.config.ISOMETRIC_WEIGHT`` (1) for
+        both terms, a float sets the weight, False turns them off; None (default) keeps the
+        recipe's choice.
     device : {"auto", "cpu", "cuda"}, default="auto"
     random_state : int or None, default=None
         Seed of initialisation, shuffling and dropout. None draws one from numpy's global RNG.
@@ -66,6 +80,9 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         The trained network (a population of one).
     n_features_in_ : int
     model_config_, train_config_ : the dataclasses the model was trained with.
+    codes_ : ndarray of shape (n_reference, 1 + latent_dim)
+        Atlas codes of (up to 2000 of) the training points: where each chart's domain lies,
+        for :meth:`transitions`, :meth:`orientable` and :meth:`sample`.
     history_ : list of float
         Mean training loss per epoch.
     """
@@ -73,7 +90,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
     def __init__(self, *, n_experts=4, latent_dim=1, recipe="best", epochs=None,
                  batch_size=None, lr=None, width=None, depth=None, dropout=None,
                  weight_decay=None, input_noise=None, working_set=None, n_init="auto",
-                 device="auto",
+                 isometric=None, device="auto",
                  random_state=None, verbose=False):
         self.n_experts = n_experts
         self.latent_dim = latent_dim
@@ -88,6 +105,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         self.input_noise = input_noise
         self.working_set = working_set
         self.n_init = n_init
+        self.isometric = isometric
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -110,7 +128,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
             lr=self.lr, width=self.width, depth=self.depth, dropout=self.dropout,
             weight_decay=self.weight_decay, input_noise=self.input_noise,
             working_set=self.working_set, device=self.device,
-            seed=seed)
+            seed=seed, **isometric_overrides(self.isometric))
         return mc, tc
 
     def fit(self, X, y=None):
@@ -153,6 +171,9 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         self.model_config_, self.train_config_ = mc, tc
         self.train_config_.seed = tc.seed + best  # the start that was kept
         self.history_ = [h[best] for h in trainer.state.history]
+        ref = np.arange(n) if n <= REFERENCE_MAX else np.sort(
+            np.random.default_rng(tc.seed).choice(n, REFERENCE_MAX, replace=False))
+        self.codes_ = encode(self.model_, np.asarray(X[ref], dtype=np.float64))
         return self
 
     def _input(self, X, reset: bool):
@@ -215,6 +236,36 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
                 evaluate(self.model_, as_population(X, torch.float64)).items()}
         return snapshot_metrics(snap, neighborhood=False)[f"fvu_{kind}"]
 
+    # -- the atlas as a manifold --------------------------------------------------------------
+    def transitions(self, tol=None):
+        """Transition maps between overlapping charts (:mod:`moeae.transitions`), on the
+        decoded training codes: a list of ``Transition`` (charts, points, sign of the
+        Jacobian determinant, agreement of that sign, residual of the fitted map)."""
+        check_is_fitted(self)
+        from .transitions import transition_maps
+
+        return transition_maps(self.model_, decode(self.model_, self.codes_), tol=tol)
+
+    def orientable(self, tol=None):
+        """True iff the charts can be oriented consistently: no cycle of the chart graph has
+        an odd number of orientation-reversing transitions (their Jacobian signs)."""
+        from .transitions import is_orientable
+
+        return is_orientable(self.transitions(tol), self.model_.counts[0])
+
+    def sample(self, n, random_state=None):
+        """n points (n, n_features) on the learned manifold, uniform by its volume
+        (:mod:`moeae.sampling`): charts by their volume, coordinates over each chart's
+        domain (where its training codes lie), overlaps counted once (the router's chart)."""
+        check_is_fitted(self)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        from .sampling import ChartDomains, sample
+
+        rng = np.random.default_rng(random_state)
+        domains = ChartDomains(self.codes_, self.model_.counts[0])
+        return sample(self.model_, domains, int(n), rng)
+
     def __sklearn_is_fitted__(self):
         return hasattr(self, "model_")
 
@@ -227,7 +278,8 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         meta["params"]["random_state"] = self.random_state_
         weights = {k: (v.float() if v.is_floating_point() else v).cpu()
                    for k, v in self.model_.state_dict().items()}
-        save_checkpoint(path, model=weights, meta=meta)
+        save_checkpoint(path, model=weights, meta=meta,
+                        extra_tensors={"codes": torch.as_tensor(self.codes_)})
 
     @classmethod
     def load(cls, path) -> MoEAutoencoder:
@@ -243,6 +295,8 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         est.model_ = model.double().eval()
         est.model_config_, est.train_config_ = mc, tc
         est.history_ = ck["meta"].get("history", [])
+        if "codes" in ck["extra"]:
+            est.codes_ = ck["extra"]["codes"].double().numpy()
         est.n_features_in_ = mc.n_features
         est.random_state_ = est.random_state
         return est

@@ -12,6 +12,10 @@ All functions take a *snapshot* of one model on a test set (numpy arrays, see
   should be one contiguous arc (``arcs_per_chart`` = 1), and its coordinate ``z`` should move
   smoothly (``max_z_jump``: the largest step of ``z`` between neighbours in ``t`` inside one arc
   of a chart, relative to that chart's range of ``z``).
+- Distortion of the charts (:mod:`moeae.geometry`): ``speed_cv_max``, the largest over charts
+  of the coefficient of variation of the speed ``|dz/ds|`` along a curve (0 for isometric
+  charts); and the worst point's reconstruction distance (``sup_distance_hard``) next to the
+  mean (``mean_distance_hard``).
 - Trustworthiness / continuity (Venna & Kaski 2001) of the atlas embedding: the codes
   ``(chart, z)`` made Euclidean by placing the charts far apart along the first axis.
 """
@@ -121,11 +125,19 @@ def snapshot_metrics(snap: dict, t: np.ndarray | None = None, closed: bool = Fal
         "top_prob": float(probs.max(1).mean()),
         "entropy": float(-(probs * np.log(p)).sum(1).mean()),
     }
+    dist = np.linalg.norm(x - snap["x_hard"], axis=1)
+    out["mean_distance_hard"] = float(dist.mean())
+    out["sup_distance_hard"] = float(dist.max())
     z = hard_latent(snap)
     if t is not None and np.ndim(t) == 1 and z.shape[1] == 1:
         out.update(chart_shape(chart, z, np.asarray(t), closed))
+        from .geometry import speed_cv
+
+        cv = speed_cv(chart, z, x, np.asarray(t), closed)
+        out["speed_cv_max"] = max(cv.values()) if cv else math.nan
     else:
-        out.update({"max_arcs_per_chart": math.nan, "max_z_jump": math.nan})
+        out.update({"max_arcs_per_chart": math.nan, "max_z_jump": math.nan,
+                    "speed_cv_max": math.nan})
     idx = np.linspace(0, n - 1, min(n, max_points)).astype(int)
     k = min(neighbors, max(1, len(idx) // 2 - 1))
     if neighborhood and len(idx) > 3:

@@ -61,9 +61,10 @@ class MoEAE(nn.Module):
         M, G, E = len(counts), sum(counts), max(counts)
         d, k, H, L = cfg.n_features, cfg.latent_dim, cfg.width, cfg.depth
         act = cfg.activation
+        chart_act = cfg.chart_activation or act  # the experts' own, if set
         self.router = StackedMLP(M, d, H, L, E, "linear", hidden_activation=act)
-        self.encoder = StackedMLP(G, d, H, L, k, "tanh", hidden_activation=act)
-        self.decoder = StackedMLP(G, k, H, L, d, "linear", hidden_activation=act)
+        self.encoder = StackedMLP(G, d, H, L, k, "tanh", hidden_activation=chart_act)
+        self.decoder = StackedMLP(G, k, H, L, d, "linear", hidden_activation=chart_act)
         model_of = torch.repeat_interleave(torch.arange(M), torch.tensor(counts))
         slot_of = torch.cat([torch.arange(c) for c in counts])
         self.register_buffer("expert_model", model_of, persistent=False)  # (G,)

@@ -11,6 +11,11 @@ Two routing modes (``TrainConfig.routing``):
   (``labels``), and with ``latent_init`` each chart's coordinates are pulled towards given
   ones.
 
+Constraint terms on the charts (:mod:`moeae.geometry`), for either mode: ``isometry`` (each
+decoder keeps lengths up to one scale per chart) and ``fold_guard`` (each decoder's stretch
+stays within a band around that scale), on every expert at its own latents, each point weighted
+by its membership of the expert's chart.
+
 Every mean over the batch goes through :meth:`Objective.batch_mean`, which under data
 parallelism (:mod:`moeae.data_parallel`) is the mean over every rank's part of the batch.
 The training loop (:mod:`moeae.training`) knows an objective, a model and data; a new term
@@ -23,6 +28,7 @@ import torch
 
 from .config import TrainConfig
 from .data_parallel import DataParallel
+from .geometry import isometry_terms, stacked_jvp
 from .model import MoEAE, MoEOutput
 
 __all__ = ["Objective", "LossTerms"]
@@ -131,11 +137,72 @@ class Objective:
                         known.sum((2, 3)).to(sq.dtype)).clamp_min(1)
                 terms["coordinates"] = lat
                 loss = loss + self.cfg.latent_init * lat
+        if self.cfg.isometry or self.cfg.fold_guard or self.cfg.chart_inverse:
+            if self.cfg.routing == "soft":
+                weight = out.probs.detach()
+            iso, guard, inv = self.chart_terms(m, out, weight)
+            terms["isometry"], terms["fold_guard"], terms["inverse"] = iso, guard, inv
+            loss = loss + self.cfg.isometry * iso + self.cfg.fold_guard * guard
+            if self.cfg.chart_inverse:
+                loss = loss + self.cfg.chart_inverse * inv
         if self.cfg.balance_weight:
             bal = LossTerms.load_balance(out.probs, valid, bmean)
             terms["balance"] = bal
             loss = loss + self.cfg.balance_weight * bal
         return loss, terms
+
+    def chart_terms(self, m: MoEAE, out: MoEOutput,
+                    weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Isometry, folding-guard and (with ``cfg.chart_inverse``) inverse terms per model
+        (M,) of the decoders at the batch's latents, each point weighted by ``weight``
+        (M, B, E), its membership of each chart.
+
+        The latents are detached: the terms shape each decoder's parametrisation of its chart;
+        the encoders follow through the reconstruction. Each point gets one direction, fixed
+        per batch position (no random stream, so a model trains the same in any population).
+        """
+        z = out.latents.detach()  # (G, B, k)
+        G, B, k = z.shape
+        w = weight[m.expert_model, :, m.expert_slot]  # (G, B) membership of own chart
+        w = w * m.active[m.expert_model, m.expert_slot][:, None]
+        b = min(B, self.cfg.isometry_points)
+        if b < B:  # each expert at the batch's points most its own: the rest weigh ~0
+            w, idx = w.topk(b, dim=1, sorted=False)  # (G, b)
+            z = z.gather(1, idx[..., None].expand(-1, -1, k))  # (G, b, k)
+        v = self.directions(b, k, z)[None].expand(G, -1, -1)  # (G, b, k)
+        y, jv = stacked_jvp(m.decoder, z, v)  # (G, b, d) points and tangents, standardised
+        r = (jv**2).sum(-1)  # (G, b) squared stretch along v
+        iso, guard, mass, _ = isometry_terms(r, w, self.cfg.fold_band, self.batch_sum)
+        # the encoder inverts the decoder along the chart: E'(D(z)) D'(z) v = v, so the codes
+        # of data points move at the decoder's (constant) speed, not only the decoded points
+        # (off unless cfg.chart_inverse: it made the figure-8 fail, see docs/recipes.md)
+        if self.cfg.chart_inverse:
+            _, ejv = stacked_jvp(m.encoder, y.detach(), jv.detach())  # (G, b, k)
+            inv = self.batch_sum(w * ((ejv - v) ** 2).sum(-1)) / mass.clamp_min(1e-12)  # (G,)
+        else:
+            inv = torch.zeros_like(iso)
+        M = m.n_models
+        total = mass.new_zeros(M).index_add(0, m.expert_model, mass).clamp_min(1e-12)
+        iso, guard, inv = [mass.new_zeros(M).index_add(0, m.expert_model, mass * t) / total
+                           for t in (iso, guard, inv)]  # each expert weighted by its points
+        return iso, guard, inv
+
+    _dirs: dict = {}
+
+    @classmethod
+    def directions(cls, B: int, k: int, like: torch.Tensor) -> torch.Tensor:
+        """Unit directions (B, k), one per batch position: for k = 1 the only one; else drawn
+        once from a fixed seed, so over a batch they cover every direction, as ``J^T J = s^2 I``
+        asks (stretch 1 along the axes alone would allow shear)."""
+        key = (B, k, like.dtype, like.device)
+        if key not in cls._dirs:
+            if k == 1:
+                v = torch.ones(B, 1)
+            else:
+                v = torch.randn(B, k, generator=torch.Generator().manual_seed(0))
+                v = v / v.norm(dim=-1, keepdim=True)
+            cls._dirs[key] = v.to(like.device, like.dtype)
+        return cls._dirs[key]
 
     def batch_mean(self, t: torch.Tensor) -> torch.Tensor:
         """Mean over the batch (dim 1) of (M, B, ...): under data parallelism, over every

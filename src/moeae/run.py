@@ -384,4 +384,6 @@ def evaluate_run(run_dir, X: np.ndarray | None = None, t=None, closed: bool | No
         t = data.get("t_test") if t is None else t
     closed = bool(config.get("closed", False)) if closed is None else closed
     snap = _snapshot(model, as_population(X, model.shift.dtype))
-    return snapshot_metrics(snap, t, closed)
+    from .transitions import atlas_metrics
+
+    return {**snapshot_metrics(snap, t, closed), **atlas_metrics(model, X)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -145,6 +146,8 @@ def _train_shard(job: _Shard) -> tuple[list[dict], dict, dict]:
             _, _, t_te, closed = data[name]
             m = snapshot_metrics(snap, t_te, closed, neighborhood=epoch == last_epoch,
                                  max_points=500)  # O(n^2): every other grid point
+            if spec.recipe == "best":  # the chart graph of the final atlas
+                m.update(_atlas_row(tr.model, i, data[name][1], epoch == last_epoch))
             rows.append({"_model": gi, "dataset": name, "n_experts": E, "epoch": epoch,
                          "seed": seed, "train_loss": float(tr.state.history[-1][i]), **m})
             if seed == spec.seed and (epoch == last_epoch or
@@ -161,6 +164,17 @@ def _train_shard(job: _Shard) -> tuple[list[dict], dict, dict]:
     timings["train"] = time.perf_counter() - t1 - eval_time[0]
     timings["evaluate"] = eval_time[0]
     return rows, keep, timings
+
+
+def _atlas_row(model: MoEAE, i: int, X_test: np.ndarray, final: bool) -> dict:
+    """Transition-map metrics of model i (:func:`moeae.transitions.atlas_metrics`), NaN
+    before the final epoch."""
+    from .transitions import atlas_metrics
+
+    if not final:
+        return {k: math.nan for k in ("transitions", "transition_residual_max",
+                                      "transitions_reversing", "orientable")}
+    return atlas_metrics(model.select(i).double().eval(), X_test)
 
 
 def _train_shards(jobs: list[_Shard]) -> list[tuple[list[dict], dict, dict]]:
