@@ -6,12 +6,12 @@ A chart e maps its coordinates z to the data by its decoder ``D_e``; its Jacobia
 ``s_e`` when ``J^T J = s_e^2 I`` (isometric autoencoders, Gropp et al. 2020). Following the
 relaxed distortion of IRVAE (Lee et al. 2022), the scale is not a parameter but the chart's
 mean squared stretch over its points, so the term is scale-free and only the *variation* of the
-stretch is penalised:
+stretch is penalised::
 
     r = |J v|^2 for a unit direction v,   s_e^2 = mean_b r,   isometry = mean_b (r / s_e^2 - 1)^2
 
 which is zero for every v iff ``J^T J = s_e^2 I``. The folding guard keeps each stretch within a
-band ``[s_e / c, c s_e]`` (a fold or a collapse has a singular value near zero):
+band ``[s_e / c, c s_e]`` (a fold or a collapse has a singular value near zero)::
 
     guard = mean_b relu(|log(r / s_e^2)| - 2 log c)^2
 
@@ -127,7 +127,8 @@ def speed_cv(chart: np.ndarray, z: np.ndarray, X: np.ndarray, t: np.ndarray,
     for e in np.unique(c):
         s = speed[same & (c[:-1] == e) & (ds > 0)]
         if len(s) >= min_pairs:
-            out[int(e)] = float(s.std() / max(s.mean(), 1e-300))
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN for a degenerate chart
+                out[int(e)] = float(s.std() / max(s.mean(), 1e-300))
     return out
 
 
