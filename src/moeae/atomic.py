@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes"]
+__all__ = ["atomic_write_bytes", "write_csv"]
 
 
 def _new_file_mode(path: Path) -> int:
@@ -49,3 +49,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write ``rows`` (dicts; the columns in order of first appearance) as a CSV file,
+    atomically. Floats are written as ``repr``, so they read back exactly."""
+    import csv
+    import io
+
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())

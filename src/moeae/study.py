@@ -7,8 +7,6 @@ get alone (own seed, own shuffling and dropout streams), but all share one batch
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import time
@@ -20,7 +18,8 @@ import numpy as np
 import torch
 
 from ._draw import draw_groups
-from .checkpoint import atomic_write_bytes, save_npz, write_json
+from .atomic import write_csv
+from .checkpoint import save_npz, write_json
 from .config import ModelConfig, TrainConfig, to_dict
 from .config import recipe as get_recipe
 from .datasets import get_dataset
@@ -67,15 +66,6 @@ def _spread(last: int, most: int) -> list[int]:
     return sorted({int(round(e)) for e in np.linspace(1, last, most)})
 
 
-def _csv_bytes(rows: list[dict]) -> bytes:
-    cols: list[str] = []
-    for r in rows:
-        cols += [c for c in r if c not in cols]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue().encode()
 
 
 def _balance(costs: Sequence[float], n: int) -> list[list[int]]:
@@ -247,11 +237,11 @@ def run_study(spec: StudySpec, figure_worker=None) -> list[dict]:
         figure_worker.submit(draw_groups, groups)  # drawn there while the files are written
     table = aggregate(rows, TABLE_KEYS) if spec.seeds > 1 else [
         {k: v for k, v in r.items() if k != "seed"} for r in rows]
-    atomic_write_bytes(out / "metrics.csv", _csv_bytes(table))
+    write_csv(out / "metrics.csv", table)
     write_json(out / "metrics.json", {"recipe": spec.recipe, "seeds": spec.seeds,
                                       "config": to_dict(model_cfg, train_cfg), "rows": table})
     if spec.seeds > 1:
-        atomic_write_bytes(out / "metrics_per_seed.csv", _csv_bytes(rows))
+        write_csv(out / "metrics_per_seed.csv", rows)
     if spec.snapshots:
         for (name, E, epoch), snap in keep.items():
             save_npz(out / "snapshots" / f"{name}_{E}experts_epoch{epoch:03d}.npz", snap)

@@ -34,9 +34,7 @@ replace a function of the same name in the package).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
 import pickle
@@ -474,10 +472,10 @@ def sweep(data, experts, seeds: int = 10, *, seed: int = 0, latent_dim: int | No
                "population": m.population, **rows[m.name]} for pop in plan for m in pop]
     summary = summarize(models, success_fvu)
     if out is not None and ctx.is_main:
-        from .checkpoint import atomic_write_bytes
+        from .atomic import write_csv
 
-        atomic_write_bytes(out / "models.csv", _csv_bytes(models))
-        atomic_write_bytes(out / "summary.csv", _csv_bytes(summary))
+        write_csv(out / "models.csv", models)
+        write_csv(out / "summary.csv", summary)
     trained = [m.name for pop in todo for m in pop if m.name not in done]
     return SweepResult(models, summary, out, trained,
                        {"setup": t1 - t0, "train": t2 - t1, "total": time.perf_counter() - t0,
@@ -521,12 +519,3 @@ def format_summary(summary: list[dict], success_fvu: float = SUCCESS_FVU) -> str
     return "\n".join(lines)
 
 
-def _csv_bytes(rows: list[dict]) -> bytes:
-    cols: list[str] = []
-    for r in rows:
-        cols += [c for c in r if c not in cols]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)  # floats as repr: they read back exactly
-    return buf.getvalue().encode()
