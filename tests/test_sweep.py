@@ -18,8 +18,8 @@ from moeae.config import recipe
 from moeae.distributed import Context, DistributedError
 from moeae.model import MoEAE
 from moeae.run import RunError, load_model, resume_run, train_run
-from moeae.sweep import _deal, _everywhere, _plan, _Source, member_state, summarize
-from moeae.training import DivergenceError, Trainer
+from moeae.sweep import _deal, _everywhere, _plan, _Source, summarize
+from moeae.training import DivergenceError, Trainer, member_state
 
 TINY = dict(seeds=3, recipe="seed", epochs=2, n_samples=100, population=2, device="cpu")
 TINY_ARGS = ["--data", "circle", "--experts", "1", "2", "--seeds", "3", "--recipe", "seed",

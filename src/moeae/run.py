@@ -123,6 +123,17 @@ def _remove_stale_tmp(run_dir: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def remove_own_files(folder: Path, names) -> None:
+    """Delete the files and folders ``names`` of ``folder``: only our own files, so nothing
+    else a user keeps there is touched."""
+    for name in names:
+        p = folder / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
 def _prepare_dir(run_dir: Path, force: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"{run_dir} exists and is not a folder")
@@ -130,12 +141,7 @@ def _prepare_dir(run_dir: Path, force: bool) -> None:
         if not force:
             raise RunError(f"run folder {run_dir} is not empty; use --force to overwrite it or "
                            "--resume to continue it")
-        for name in RUN_FILES:  # only our own files: nothing else in the folder is touched
-            p = run_dir / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        remove_own_files(run_dir, RUN_FILES)
         _remove_stale_tmp(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 

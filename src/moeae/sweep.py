@@ -51,7 +51,7 @@ from .config import to_dict
 from .datasets import get_dataset
 from .metrics import aggregate, snapshot_metrics
 
-__all__ = ["sweep", "SweepResult", "member_state", "summarize", "format_summary",
+__all__ = ["sweep", "SweepResult", "summarize", "format_summary",
            "POPULATION", "SUCCESS_FVU"]
 
 POPULATION = 10  # models per population: the unit of training, fixed per sweep
@@ -179,42 +179,6 @@ def _deal(costs: list[float], ranks: int) -> list[list[int]]:
     return [sorted(m) for m in mine]
 
 
-def member_state(trainer, m: int) -> dict:
-    """Model ``m`` of a trainer's population alone, in the layout of
-    :meth:`moeae.training.Trainer.state_dict`: its weights, its slice of the Adam state, its
-    shuffling and dropout streams, its routing targets and its loss history, so a
-    :class:`~moeae.training.Trainer` of that one model continues it."""
-    model = trainer.model
-    one = model.select(m)
-    E = model.counts[m]
-    g0 = sum(model.counts[:m])
-    names = [name for name, _ in model.named_parameters()]
-    shapes = {name: p.shape for name, p in one.named_parameters()}
-    osd = trainer.optimizer.state_dict()
-    state = {}
-    for i, name in enumerate(names):  # FusedAdam keeps model.parameters()' order
-        def part(t, name=name):
-            if name.startswith("router."):  # one group per model, outputs padded to max E
-                return t[m:m + 1][..., :shapes[name][-1]].clone()
-            return t[g0:g0 + E].clone()  # encoder, decoder: one group per expert
-        st = osd["state"][i]
-        state[i] = {"step": st["step"].clone(), "exp_avg": part(st["exp_avg"]),
-                    "exp_avg_sq": part(st["exp_avg_sq"])}
-    full = trainer.state_dict()
-    extra = {}
-    for key, t in full["extra"].items():
-        t = t[m:m + 1]
-        extra[key] = t[:, :, :E].clone() if key in ("labels", "coords") else t.clone()
-    st = full["state"]
-    return {"model": one.state_dict(),
-            "optimizer": {"state": state, "param_groups": osd["param_groups"]},
-            "rng": {"shuffle.0": full["rng"][f"shuffle.{m}"],
-                    "dropout.0": full["rng"][f"dropout.{m}"]},
-            "extra": extra,
-            "state": {"epoch": st["epoch"], "step": st["step"],
-                      "history": [[h[m]] for h in st["history"]], "seeds": [st["seeds"][m]]}}
-
-
 def _write_run(run_dir: Path, trainer, i: int, config: dict, data: _Data, snap: dict,
                row: dict) -> None:
     """Model ``i``'s run folder, as :func:`moeae.run.train_run` leaves one; metrics.json last,
@@ -227,6 +191,8 @@ def _write_run(run_dir: Path, trainer, i: int, config: dict, data: _Data, snap: 
     write_json(run_dir / "config.json", config)
     save_npz(run_dir / "data.npz", data.arrays)
     save_npz(run_dir / "snapshots" / f"epoch_{row['epoch']:04d}.npz", snap)
+    from .training import member_state
+
     sd = member_state(trainer, i)
     save_checkpoint(run_dir / "checkpoint.safetensors", model=sd["model"],
                     optimizer=sd["optimizer"], rng=sd["rng"], extra_tensors=sd["extra"],
@@ -296,19 +262,14 @@ def _differences(old, new, prefix: str = "") -> list[str]:
 def _open_out(out: Path, manifest: dict, force: bool, plan, epochs: int) -> dict[str, dict]:
     """Make ``out`` this sweep's folder; return the rows of the models already complete."""
     from .checkpoint import write_json
-    from .run import RunError
+    from .run import RunError, remove_own_files
 
     if out.exists() and not out.is_dir():
         raise RunError(f"{out} exists and is not a folder")
     path = out / "sweep.json"
     if out.is_dir() and any(out.iterdir()):
         if force:
-            for name in _OURS:  # only our own files: nothing else in the folder is touched
-                p = out / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+            remove_own_files(out, _OURS)
         else:
             try:
                 old = json.loads(path.read_text())
