@@ -29,7 +29,7 @@ __all__ = ["neighbour_graph", "geodesic_embedding", "initial_atlas"]
 
 
 def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: float = 0.2,
-                    min_alignment: float = 0.9, reach: int = 3) -> tuple:
+                    min_alignment: float = 0.9, reach: int = 5) -> tuple:
     """A graph along the manifold: ``(graph, clean)``, a symmetric sparse (n, n) matrix of edge
     lengths and a mask of the points that have edges.
 
@@ -37,8 +37,11 @@ def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: fl
     nearest neighbours. A point is *ambiguous* when the next singular value exceeds
     ``max_ambiguity`` times the last tangent one (two branches through a crossing, or noise)
     and gets no edges. Clean points connect to those of their ``reach * n_neighbors`` nearest
-    clean points that lie along the tangent space at both ends (cosine >= ``min_alignment``),
-    which bridges the gap the ambiguous points leave along each branch but not across.
+    clean points that lie along the tangent space at both ends (cosine >= ``min_alignment``)
+    and stray from it by no more than the larger of the two ends' neighbourhood radii (two
+    turns of a coil that nearly touch are not joined by a long, shallow edge); this bridges
+    the gap the ambiguous points leave along each branch but not across. (Reach 3 left the
+    figure-8's loop broken at its waist on some samples: a chain, not a loop.)
     When too few points are clean (< 80%) or the filtered graph has more components than the
     plain k-NN graph, the plain graph is returned with every point clean.
     """
@@ -47,8 +50,8 @@ def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: fl
 
     n = len(X)
     k = min(n_neighbors, n - 1)
-    dist, nn = NearestNeighbors(n_neighbors=k + 1).fit(X).kneighbors(X)
-    plain = _graph(np.repeat(np.arange(n), k), nn[:, 1:].ravel(), dist[:, 1:].ravel(), n)
+    dist0, nn = NearestNeighbors(n_neighbors=k + 1).fit(X).kneighbors(X)
+    plain = _graph(np.repeat(np.arange(n), k), nn[:, 1:].ravel(), dist0[:, 1:].ravel(), n)
     everyone = np.ones(n, dtype=bool)
     if dim >= X.shape[1] or k <= dim + 1:
         return plain, everyone
@@ -66,7 +69,10 @@ def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: fl
     norm = np.linalg.norm(v, axis=1).clip(1e-300)
     along_i = np.linalg.norm(np.einsum("ekd,ed->ek", tangent[rows], v), axis=1) / norm
     along_j = np.linalg.norm(np.einsum("ekd,ed->ek", tangent[cols], v), axis=1) / norm
-    keep = (along_i >= min_alignment) & (along_j >= min_alignment)
+    radius = dist0[:, -1]  # each point's distance to its k-th neighbour
+    stray = np.sqrt(np.clip(1 - np.minimum(along_i, along_j) ** 2, 0, None)) * norm
+    keep = ((along_i >= min_alignment) & (along_j >= min_alignment)
+            & (stray <= np.maximum(radius[rows], radius[cols])))
     graph = _graph(rows[keep], cols[keep], dist[:, 1:].ravel()[keep], n)
     parts = connected_components(graph[idx][:, idx], directed=False)[0]
     if parts > connected_components(plain, directed=False)[0]:
@@ -81,29 +87,73 @@ def _graph(rows, cols, lengths, n):
     return g.maximum(g.T)
 
 
-def geodesic_embedding(graph, n_components: int) -> tuple[np.ndarray, np.ndarray]:
-    """Classical MDS of the shortest-path distances of ``graph``: (n, n_components) and the
-    eigenvalues (n_components,). Unreachable pairs get the largest finite distance."""
-    from scipy.linalg import eigh
+def geodesic_distances(graph) -> np.ndarray:
+    """All shortest-path lengths of ``graph`` (n, n); unreachable pairs get the largest finite
+    one."""
     from scipy.sparse.csgraph import shortest_path
 
     D = shortest_path(graph, method="D", directed=False)
     finite = np.isfinite(D)
     if not finite.all():
         D[~finite] = D[finite].max() if finite.any() else 0.0
+    return D
+
+
+def classical_mds(D: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray]:
+    """Classical MDS of a distance matrix D (n, n): (n, n_components) and the eigenvalues.
+
+    Above 400 points the top eigenvectors come from Lanczos iterations (ARPACK, from a fixed
+    start vector) rather than a full decomposition (2000 points: ~0.3 s against ~1 s)."""
+    from scipy.linalg import eigh
+    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
     n = len(D)
     K = -0.5 * D**2
     K -= K.mean(0, keepdims=True)
     K -= K.mean(1, keepdims=True)
     m = min(n_components, n)
-    w, V = eigh(K, subset_by_index=[n - m, n - 1])
-    w, V = w[::-1], V[:, ::-1]
+    w = V = None
+    if n > 400 and m < n // 2:
+        try:
+            w, V = eigsh(K, k=m, which="LA", v0=np.linspace(1.0, 2.0, n), tol=1e-10)
+            order = np.argsort(w)[::-1]
+            w, V = w[order], V[:, order]
+        except ArpackNoConvergence:
+            w = None
+    if w is None:
+        w, V = eigh(K, subset_by_index=[n - m, n - 1])
+        w, V = w[::-1], V[:, ::-1]
     return V * np.sqrt(np.clip(w, 0, None)), w
 
 
+def geodesic_embedding(graph, n_components: int) -> tuple[np.ndarray, np.ndarray]:
+    """Classical MDS of the shortest-path distances of ``graph``: (n, n_components) and the
+    eigenvalues (n_components,). Unreachable pairs get the largest finite distance."""
+    return classical_mds(geodesic_distances(graph), n_components)
+
+
+def fold_ratios(D: np.ndarray, X: np.ndarray, eps: float) -> np.ndarray:
+    """Ratio of geodesic to straight distance of every pair, ``(D_ij + eps) / (|x_i - x_j| +
+    eps)``: (n, n). A chart holding a pair with a large ratio (points close in space, far apart
+    along the manifold: a boundary next to a self-crossing, two turns of a coil) asks its
+    encoder to be that steep; any piece of a circle up to half of it stays under pi/2.
+    ``eps`` (about the spacing of neighbours) keeps graph detours of near points from
+    counting."""
+    sq = (X**2).sum(1)
+    A = np.sqrt(np.clip(sq[:, None] + sq[None] - 2 * X @ X.T, 0, None))
+    return (D + eps) / (A + eps)
+
+
+def worst_fold(R: np.ndarray, labels: np.ndarray, n_charts: int) -> np.ndarray:
+    """Per chart, the largest of the pair ratios R (:func:`fold_ratios`) within it."""
+    return np.array([R[np.ix_(i, i)].max() if len(i) else 1.0
+                     for i in (np.flatnonzero(labels == e) for e in range(n_charts))])
+
+
 def _geodesic_start(Xs: np.ndarray, k: int, cache: dict | None):
-    """The graph of Xs, its clean points and their geodesic embedding (or Xs where the graph
-    is degenerate), from ``cache`` when it holds them for these exact points."""
+    """The graph of Xs, its clean points, their geodesic embedding (or Xs where the graph is
+    degenerate) and geodesic distances (None there), from ``cache`` when it holds them for
+    these exact points."""
     import hashlib
 
     key = (hashlib.sha256(np.ascontiguousarray(Xs).tobytes()).hexdigest(), Xs.shape, k)
@@ -111,15 +161,65 @@ def _geodesic_start(Xs: np.ndarray, k: int, cache: dict | None):
         return cache[key]
     graph, clean = neighbour_graph(Xs, max(2, min(10, len(Xs) // 4)), k)
     cl = np.flatnonzero(clean)
-    emb = None
+    emb = D = None
     if len(cl) >= 4:
         try:
-            emb, _ = geodesic_embedding(graph[cl][:, cl], min(k + 1, len(cl) - 2))
+            D = geodesic_distances(graph[cl][:, cl])
+            emb, _ = classical_mds(D, min(k + 1, len(cl) - 2))
         except (ValueError, np.linalg.LinAlgError):
-            emb = Xs[cl]  # degenerate graph (duplicates, tiny data): cluster in ambient space
+            emb, D = Xs[cl], None  # degenerate graph (duplicates, tiny data): ambient space
     if cache is not None:
-        cache[key] = (graph, cl, emb)
-    return graph, cl, emb
+        cache[key] = (graph, cl, emb, D)
+    return graph, cl, emb, D
+
+
+def _medoids(D: np.ndarray, centres: np.ndarray, rounds: int = 3) -> np.ndarray:
+    """Geodesic k-medoids from ``centres``: each point joins its nearest centre along the
+    manifold, each centre moves to the point of its piece nearest (in squared distance) to
+    the rest; ``rounds`` times."""
+    D2 = D**2
+    for _ in range(rounds):
+        labels = D[:, centres].argmin(1)
+        onehot = np.eye(len(centres))[labels]  # (n, E)
+        cost = np.where(onehot > 0, D2 @ onehot, np.inf)  # (n, E): to the rest of its piece
+        new = np.where(np.isfinite(cost).any(0), cost.argmin(0), centres)
+        if (new == centres).all():
+            break
+        centres = new
+    return centres
+
+
+def _partition(emb: np.ndarray, D: np.ndarray, X: np.ndarray, eps: float, n_charts: int,
+               seed: int, candidates: int, slack: float = 1.1) -> np.ndarray:
+    """The centres (medoids, indices into X) of ``n_charts`` pieces of the manifold.
+
+    Candidates: geodesic k-medoids (:func:`_medoids`) started from a k-means of the embedding
+    and from ``candidates - 1`` farthest-point samplings (each from a random first point), so
+    the cuts take every orientation. Kept: of those whose worst :func:`fold_ratios` within a
+    piece is within ``slack`` times the lowest, the most compact (least squared geodesic
+    distance to the centres)."""
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(seed)
+    R = fold_ratios(D, X, eps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        km = KMeans(n_clusters=n_charts, n_init=4, random_state=seed).fit(emb)
+    starts = [np.array([int(np.argmin(((emb - c) ** 2).sum(1))) for c in km.cluster_centers_])]
+    for _ in range(candidates - 1):
+        centres = [int(rng.integers(len(D)))]
+        for _ in range(n_charts - 1):
+            centres.append(int(D[:, centres].min(1).argmax()))
+        starts.append(np.array(centres))
+    found = []
+    for start in starts:
+        centres = _medoids(D, start)
+        labels = D[:, centres].argmin(1)
+        worst = float(worst_fold(R, labels, n_charts).max())
+        spread = float((D[np.arange(len(D)), centres[labels]] ** 2).sum())
+        found.append((worst, spread, centres))
+    low = min(w for w, _, _ in found)
+    return min((f for f in found if f[0] <= slack * low), key=lambda f: f[1])[2]
 
 
 def _one_thread(fn):
@@ -144,7 +244,7 @@ def _one_thread(fn):
 def initial_atlas(X: np.ndarray, n_charts: int, latent_dim: int, seed: int,
                   overlap: float = 0.0, coordinates: bool = False, max_points: int = 2000,
                   min_weight: float = 0.05, limit: float = 0.8, max_extra: float = 0.25,
-                  cache: dict | None = None):
+                  candidates: int = 24, cache: dict | None = None):
     """Starting charts (n, n_charts) and, with ``coordinates``, chart coordinates
     (n, n_charts, latent_dim), NaN where a point has none (off the chart, or a chart that
     closes on itself: its next geodesic eigenvalue is above ``max_extra`` times the last kept
@@ -154,11 +254,15 @@ def initial_atlas(X: np.ndarray, n_charts: int, latent_dim: int, seed: int,
     boundary, so neighbours learn to reach across it. Above ``max_points`` points the atlas is
     built on a subsample and every other point copies its nearest subsampled point.
 
+    The pieces are the best of ``candidates`` geodesic partitions (:func:`_partition`), judged
+    by their worst :func:`fold_ratios`: a boundary next to a place where the manifold comes
+    close to itself (the figure-8's waist) makes the encoders steep there. k-means of the
+    embedding alone cut the figure-8 at its waist on most seeds, and those starts failed.
+
     ``cache``: a dict shared between calls on the same data (several expert counts or starts
     of one data set): the graph and its geodesic embedding, which do not depend on the number
     of charts or the seed, are then computed once.
     """
-    from sklearn.cluster import KMeans
     from sklearn.neighbors import NearestNeighbors
 
     n = len(X)
@@ -166,17 +270,26 @@ def initial_atlas(X: np.ndarray, n_charts: int, latent_dim: int, seed: int,
     rng = np.random.default_rng(seed)
     sub = np.sort(rng.choice(n, max_points, replace=False)) if n > max_points else np.arange(n)
     Xs = X[sub]
-    graph, cl, emb = _geodesic_start(Xs, k, cache)
+    graph, cl, emb, D = _geodesic_start(Xs, k, cache)
     if n_charts == 1 or len(cl) < 4:
         labels = np.ones((len(cl), n_charts))
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            km = KMeans(n_clusters=min(n_charts, len(cl)), n_init=4, random_state=seed).fit(emb)
-        d2 = km.transform(emb) ** 2  # (n_clean, n_charts) squared distances to the centres
+        c = min(n_charts, len(cl))
+        if D is not None:  # pieces by geodesic distance to their centres
+            eps = 2 * float(np.median(graph.data)) if graph.nnz else 0.0
+            centres = _partition(emb, D, Xs[cl], eps, c, seed, candidates)
+            d2 = D[:, centres] ** 2  # (n_clean, n_charts)
+            gap = np.sort(D[np.ix_(centres, centres)] ** 2, axis=1)[:, 1].mean()
+        else:  # degenerate graph: k-means in the embedding
+            from sklearn.cluster import KMeans
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                km = KMeans(n_clusters=c, n_init=4, random_state=seed).fit(emb)
+            d2 = km.transform(emb) ** 2  # (n_clean, n_charts) squared distances to the centres
+            cc = km.cluster_centers_
+            gap = np.sort(((cc[:, None] - cc[None]) ** 2).sum(-1), axis=1)[:, 1].mean()
         if overlap > 0:
-            c = km.cluster_centers_
-            gap = np.sort(((c[:, None] - c[None]) ** 2).sum(-1), axis=1)[:, 1].mean()
             z = -(d2 - d2.min(1, keepdims=True)) / (overlap * gap)
             labels = np.exp(z) / np.exp(z).sum(1, keepdims=True)
         else:
