@@ -67,12 +67,24 @@ def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: fl
     rows, cols = np.repeat(idx, kk), idx[nn[:, 1:].ravel()]
     v = X[cols] - X[rows]
     norm = np.linalg.norm(v, axis=1).clip(1e-300)
-    along_i = np.linalg.norm(np.einsum("ekd,ed->ek", tangent[rows], v), axis=1) / norm
+    coords = np.einsum("ekd,ed->ek", tangent[rows], v)  # the edge in i's tangent coordinates
+    along_i = np.linalg.norm(coords, axis=1) / norm
     along_j = np.linalg.norm(np.einsum("ekd,ed->ek", tangent[cols], v), axis=1) / norm
     radius = dist0[:, -1]  # each point's distance to its k-th neighbour
     stray = np.sqrt(np.clip(1 - np.minimum(along_i, along_j) ** 2, 0, None)) * norm
     keep = ((along_i >= min_alignment) & (along_j >= min_alignment)
             & (stray <= np.maximum(radius[rows], radius[cols])))
+    # each point keeps its nearest few kept edges in each orthant of its tangent space (along
+    # a curve: each side): gaps are still bridged, and shortest paths stay cheap (every kept
+    # edge of 1000 figure-8 points: 2.1 s of shortest paths)
+    orthant = ((coords > 0) * (2 ** np.arange(dim))).sum(1).reshape(len(idx), kk)
+    keep = keep.reshape(len(idx), kk)
+    few = np.zeros_like(keep)
+    per = -(-k // 2**dim) + 1
+    for o in range(2**dim):
+        mine = keep & (orthant == o)
+        few |= mine & (np.cumsum(mine, axis=1) <= per)
+    keep = few.ravel()
     graph = _graph(rows[keep], cols[keep], dist[:, 1:].ravel()[keep], n)
     parts = connected_components(graph[idx][:, idx], directed=False)[0]
     if parts > connected_components(plain, directed=False)[0]:
