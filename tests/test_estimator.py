@@ -115,13 +115,24 @@ def test_n_init_keeps_the_best_start():
         MoEAutoencoder(n_init=0).fit(X)
 
 
-def test_n_init_auto_is_two_starts_for_curves_one_for_surfaces():
-    kw = dict(epochs=3, width=16, depth=2, random_state=1)
-    X, _ = moeae.datasets.make_circle(200, random_state=0)
-    auto = MoEAutoencoder(n_experts=2, **kw).fit(X)
-    two = MoEAutoencoder(n_experts=2, n_init=2, **kw).fit(X)
-    np.testing.assert_array_equal(auto.transform(X), two.transform(X))
-    S, _ = moeae.datasets.make_sphere(200, random_state=0)
-    auto = MoEAutoencoder(n_experts=2, latent_dim=2, **kw).fit(S)
-    one = MoEAutoencoder(n_experts=2, latent_dim=2, n_init=1, **kw).fit(S)
-    np.testing.assert_array_equal(auto.transform(S), one.transform(S))
+def test_command_line_trains_what_the_estimator_trains(tmp_path):
+    """`moeae train` and MoEAutoencoder() share one default (one start, the best recipe):
+    the same data and seed give the same weights; --n-init 2 keeps what n_init=2 keeps."""
+    from moeae.cli import main
+    from moeae.run import load_model
+
+    X, _ = moeae.datasets.make_figure8(300, random_state=3)
+    np.save(tmp_path / "X.npy", X)
+    for n_init in (None, 2):
+        out = tmp_path / f"run{n_init}"
+        extra = [] if n_init is None else ["--n-init", str(n_init)]
+        assert main(["train", "--data", str(tmp_path / "X.npy"), "--experts", "2", "--seed",
+                     "3", "--epochs", "3", "--out", str(out), *extra]) == 0
+        run_model, _ = load_model(out)
+        est = MoEAutoencoder(n_experts=2, epochs=3, random_state=3,
+                             n_init="auto" if n_init is None else n_init).fit(X)
+        ours = est.model_.state_dict()
+        for name, w in run_model.state_dict().items():
+            np.testing.assert_array_equal(w.numpy(), ours[name].float().double().numpy(),
+                                          err_msg=name)
+        assert est.train_config_.n_init == (n_init or 1)

@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="points per epoch; larger data trains each epoch on a fresh random "
                         "sample of this many, so the cost does not grow with the data "
                         "(default: the recipe's, 2000)")
+    t.add_argument("--n-init", type=_positive_int, default=None,
+                   help="independent starts trained together, the one that reconstructs the "
+                        "training data best kept, as MoEAutoencoder(n_init=...) (default: the "
+                        "recipe's, 1)")
     t.add_argument("--isometric", type=float, nargs="?", const=1.0, default=None,
                    metavar="WEIGHT",
                    help="constrain the charts: each decoder keeps lengths up to one scale per "

@@ -103,6 +103,7 @@ def train_settings(args: argparse.Namespace) -> dict:
              "model": {"n_experts": args.experts, "latent_dim": args.latent_dim},
              "train": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                        "grad_clip": args.grad_clip, "working_set": args.working_set,
+                       "n_init": args.n_init,
                        "device": args.device, **isometric_overrides(args.isometric)}}
     settings = merge_settings(base, given)
     settings["model"].setdefault("n_experts", TRAIN_DEFAULTS["experts"])

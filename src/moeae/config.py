@@ -70,6 +70,8 @@ class TrainConfig:
     isometry_points: int = 16  #: per step, the terms at each expert's this many batch points
     #:                          of most weight (its own points under hard targets)
     working_set: int = 2000  #: points per epoch; larger data: a fresh random sample each epoch
+    n_init: int = 1  #: independent starts (seeds seed, seed + 1, ...), trained as one
+    #:                population; the one that reconstructs the training data best is kept
     seed: int = 0  #: initialisation, shuffling, dropout
     device: str = "auto"  #: "auto" | "cpu" | "cuda"
 

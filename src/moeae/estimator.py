@@ -59,9 +59,9 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
     n_init : int or "auto", default="auto"
         Independent starts (seeds ``random_state``, +1, ...) trained together as one batched
         population; the one with the lowest hard reconstruction error on the training data is
-        kept, as k-means keeps its best start. ``"auto"``: 2 for curves (``latent_dim == 1``),
-        where a start whose chart boundary drifts onto a self-crossing (the figure-8's waist)
-        fails, and 1 otherwise. Each start costs about one more fit of compute.
+        kept, as k-means keeps its best start. ``"auto"``: the recipe's (1: the starting atlas
+        cuts charts away from self-crossings, so one start suffices; ``moeae train`` trains
+        the same). Each start costs about one more fit of compute.
     isometric : bool or float, optional
         Constrain the charts (:mod:`moeae.geometry`): each decoder keeps lengths up to one
         scale per chart (``J^T J = s_e^2 I``), and a folding guard keeps its stretch within a
@@ -146,12 +146,12 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         # identical points, no variance in float32, fewer distinct points than charts
         check_trainable(X, str(getattr(X, "filename", None) or "X"), n_charts=mc.n_experts)
         if isinstance(self.n_init, str) and self.n_init == "auto":
-            k = 2 if mc.latent_dim == 1 else 1
+            k = tc.n_init
         elif isinstance(self.n_init, bool) or not isinstance(self.n_init, (int, np.integer)) \
                 or self.n_init < 1:
             raise ValueError(f"n_init must be an int >= 1 or 'auto', got {self.n_init!r}")
         else:
-            k = int(self.n_init)
+            k = tc.n_init = int(self.n_init)
         # n_init starts (seeds seed, seed+1, ...) train as one population, as KMeans's n_init;
         # the one whose hard reconstruction of the training data is best is kept
         trainer = Trainer(MoEAE(mc, [mc.n_experts] * k), tc, [tc.seed + i for i in range(k)],
@@ -159,12 +159,8 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         data = trainer.data(X)  # one array, shared by the k starts
         trainer.initialize(data)
         trainer.fit(data, tc.epochs, progress=bool(self.verbose))
-        best = 0
-        if k > 1:  # judged on all points, or on a fixed sample of SELECT_MAX of them
-            idx = np.arange(n) if n <= SELECT_MAX else np.sort(
-                np.random.default_rng(tc.seed).choice(n, SELECT_MAX, replace=False))
-            ev = evaluate(trainer.model, data.gather(np.tile(idx, (k, 1))))
-            best = int(((ev["x_hard"] - ev["inputs"]) ** 2).sum(-1).mean(-1).argmin())
+        # judged on all points, or on a fixed sample of SELECT_MAX of them
+        best = trainer.best_member(data, SELECT_MAX)
         # float64 inference: a point's code must not depend on the batch it is encoded in
         self.model_ = trainer.model.select(best).double().eval()
         self.random_state_ = tc.seed  # the drawn seed when random_state is None

@@ -67,6 +67,9 @@ def check_configs(model_cfg: ModelConfig, train_cfg: TrainConfig, n_samples: int
         raise ValueError(f"batch_size must be >= 1, got {train_cfg.batch_size}")
     if not train_cfg.lr > 0:
         raise ValueError(f"lr must be > 0, got {train_cfg.lr}")
+    if isinstance(train_cfg.n_init, bool) or not isinstance(train_cfg.n_init, int) \
+            or train_cfg.n_init < 1:
+        raise ValueError(f"n_init must be an int >= 1, got {train_cfg.n_init!r}")
     if train_cfg.working_set < 2:
         raise ValueError(f"working_set must be >= 2, got {train_cfg.working_set}")
     if n_samples < 2:
@@ -80,8 +83,11 @@ def as_population(X: np.ndarray, dtype=torch.float32) -> torch.Tensor:
     return torch.as_tensor(np.asarray(X), dtype=dtype)[None]  # (1, n, d)
 
 
-def _snapshot(model: MoEAE, X: torch.Tensor) -> dict[str, np.ndarray]:
-    return {k: v[0] for k, v in evaluate(model, X).items()}  # model 0 of a population of 1
+def _snapshot(model: MoEAE, X: torch.Tensor, m: int = 0) -> dict[str, np.ndarray]:
+    """Model ``m``'s outputs on X (1, n, d)."""
+    if model.n_models > 1:
+        model = model.select(m)
+    return {k: v[0] for k, v in evaluate(model, X).items()}
 
 
 class _Recorder:
@@ -102,12 +108,14 @@ class _Recorder:
 
     def __call__(self, trainer: Trainer) -> None:
         epoch = trainer.state.epoch
-        snap = _snapshot(trainer.model, self.X)
+        # several starts (n_init): the one with the lowest training loss this epoch
+        m = int(np.argmin(trainer.state.history[-1])) if trainer.state.history else 0
+        snap = _snapshot(trainer.model, self.X, m)
         if self.t is not None:
             snap["t"] = self.t
         save_npz(self.run_dir / "snapshots" / f"epoch_{epoch:04d}.npz", snap)
         last = epoch == trainer.cfg.epochs
-        row = {"epoch": epoch, "train_loss": float(trainer.state.history[-1][0]),
+        row = {"epoch": epoch, "train_loss": float(trainer.state.history[-1][m]),
                **snapshot_metrics(snap, self.t, self.closed, neighborhood=last)}
         self.rows[:] = [r for r in self.rows if r["epoch"] < epoch] + [row]
         write_json(self.run_dir / "metrics.json", self.rows)
@@ -195,16 +203,33 @@ def train_run(run_dir, X: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainCo
         write_json(run_dir / "config.json", config)
         save_npz(run_dir / "data.npz", arrays)
 
+    if ctx.active and train_cfg.n_init > 1:
+        raise ValueError(f"n_init {train_cfg.n_init}: several starts train in one process; "
+                         "under torchrun train one start (n_init 1), or a sweep over seeds")
     on_main(ctx, write_start)
-    trainer = Trainer(MoEAE(model_cfg), train_cfg, [train_cfg.seed], device, ctx=ctx)
+    seeds = [train_cfg.seed + i for i in range(train_cfg.n_init)]
+    trainer = Trainer(MoEAE(model_cfg, [model_cfg.n_experts] * len(seeds)), train_cfg, seeds,
+                      device, ctx=ctx)
     trainer.initialize(X)
     rec = None
     if ctx.is_main:
         rec = _Recorder(run_dir, _eval_set(arrays, X), t_test, closed, config, [])
         rec.checkpoint(trainer)  # epoch 0: a divergence in epoch 1 leaves a good checkpoint
     trainer.fit(X, train_cfg.epochs, on_epoch_end=rec, progress=progress and ctx.is_main)
+    trainer = _keep_best(trainer, X, rec)
     ctx.barrier()
     return trainer
+
+
+def _keep_best(trainer: Trainer, X, rec: _Recorder | None) -> Trainer:
+    """Of a finished population of starts (``n_init``), the one that reconstructs the
+    training data best, alone: its row, snapshot and checkpoint replace the last epoch's."""
+    if trainer.model.n_models == 1 or trainer.state.epoch < trainer.cfg.epochs:
+        return trainer
+    one = trainer.keep_member(trainer.best_member(X))
+    if rec is not None:
+        rec(one)
+    return one
 
 
 def on_main(ctx: Context, fn) -> None:
@@ -283,9 +308,10 @@ def resume_run(run_dir, epochs: int | None = None, progress: bool = False,
             raise ValueError(f"epochs must be >= 0, got {epochs}")
         train_cfg.epochs = epochs
         config["train"]["epochs"] = epochs
-    trainer = Trainer(MoEAE(model_cfg), train_cfg, [train_cfg.seed],
-                      resolve_device(train_cfg.device), ctx=ctx)
     try:
+        seeds = [int(s) for s in ck["meta"]["state"]["seeds"]]  # several while n_init starts
+        trainer = Trainer(MoEAE(model_cfg, [model_cfg.n_experts] * len(seeds)), train_cfg,
+                          seeds, resolve_device(train_cfg.device), ctx=ctx)
         trainer.load_state_dict({"model": ck["model"], "optimizer": ck["optimizer"],
                                  "rng": ck["rng"], "extra": ck["extra"],
                                  "state": ck["meta"]["state"]})
@@ -319,6 +345,7 @@ def resume_run(run_dir, epochs: int | None = None, progress: bool = False,
         rec = _Recorder(run_dir, _eval_set(data, X), data.get("t_test"),
                         bool(config.get("closed", False)), config, rows)
     trainer.fit(X, train_cfg.epochs, on_epoch_end=rec, progress=progress and ctx.is_main)
+    trainer = _keep_best(trainer, X, rec)
     ctx.barrier()
     return trainer
 
@@ -331,6 +358,10 @@ def load_model(run_dir, device: str = "cpu") -> tuple[MoEAE, dict]:
     run_dir = Path(run_dir)
     config, model_cfg, _ = _read_run(run_dir)
     ck = load_checkpoint(run_dir / "checkpoint.safetensors")
+    starts = len(ck["meta"].get("state", {}).get("seeds", [0]))
+    if starts > 1:
+        raise RunError(f"{run_dir} holds {starts} starts still in training (n_init); finish "
+                       f"it with: moeae train --resume {run_dir}")
     model = MoEAE(model_cfg)
     try:
         model.load_state_dict(ck["model"])

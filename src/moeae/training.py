@@ -388,6 +388,25 @@ class Trainer:
         st.epoch = epoch + 1
         st.history.append((running / steps_per_epoch).tolist())
 
+    def best_member(self, data, limit: int = 10_000) -> int:
+        """The model of the population whose hard reconstruction of the training data (all of
+        it, or a fixed sample of ``limit`` points) has the lowest squared error: how the best
+        of ``n_init`` starts is chosen."""
+        data = self.data(data)
+        if self.model.n_models == 1:
+            return 0
+        n = data.n
+        idx = np.arange(n) if n <= limit else np.sort(
+            np.random.default_rng(self.seeds[0]).choice(n, limit, replace=False))
+        ev = evaluate(self.model, data.gather(np.tile(idx, (self.model.n_models, 1))))
+        return int(((ev["x_hard"] - ev["inputs"]) ** 2).sum(-1).mean(-1).argmin())
+
+    def keep_member(self, m: int) -> Trainer:
+        """A trainer of model ``m`` of this population alone, continuing it exactly."""
+        one = Trainer(self.model.select(m), self.cfg, [self.seeds[m]], self.device, self.ctx)
+        one.load_state_dict(member_state(self, m))
+        return one
+
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to continue bit-identically: model, optimizer, RNG streams."""
