@@ -31,7 +31,7 @@ _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
 
 
-def _threads(text: str) -> int | str:
+def _auto_or_count(text: str) -> int | str:
     return "auto" if text == "auto" else _positive_int(text)
 
 
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true",
                         help="show full tracebacks on errors (default: one line)")
-    common.add_argument("--threads", type=_threads, default="auto",
+    common.add_argument("--threads", type=_auto_or_count, default="auto",
                         help="CPU threads for torch, or 'auto': 2 when two cores are idle by the "
                              "load average, else 1 (default: auto; two threads slow down badly "
                              "when another process takes a core: pass 1 on a busy machine); "
@@ -119,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the settings from a TOML file; options given here override it")
     t.add_argument("--data", help="a dataset name (circle, spiral, figure8, trefoil, sphere, "
                    "torus, swiss_roll, s_curve) or a .npy/.csv file of shape (n, d)")
-    t.add_argument("--experts", type=_positive_int, default=None,
-                   help=f"number of experts (charts) (default: {TRAIN_DEFAULTS['experts']})")
+    t.add_argument("--experts", type=_auto_or_count, default=None,
+                   help="number of experts (charts), or auto: the fewest that cut the data "
+                        "without strain, as MoEAutoencoder(n_experts='auto') (default: "
+                        f"{TRAIN_DEFAULTS['experts']})")
     t.add_argument("--latent-dim", type=_positive_int, default=None,
                    help="coordinates per chart (default: the dataset's dimension, else 1)")
     t.add_argument("--epochs", type=_nonneg_int, default=None,

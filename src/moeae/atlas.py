@@ -25,7 +25,8 @@ import warnings
 
 import numpy as np
 
-__all__ = ["neighbour_graph", "geodesic_embedding", "initial_atlas"]
+__all__ = ["neighbour_graph", "geodesic_embedding", "initial_atlas", "choose_charts",
+           "auto_charts"]
 
 
 def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: float = 0.2,
@@ -202,7 +203,8 @@ def _medoids(D: np.ndarray, centres: np.ndarray, rounds: int = 3) -> np.ndarray:
 
 
 def _partition(emb: np.ndarray, D: np.ndarray, X: np.ndarray, eps: float, n_charts: int,
-               seed: int, candidates: int, slack: float = 1.1) -> np.ndarray:
+               seed: int, candidates: int, slack: float = 1.1,
+               R: np.ndarray | None = None) -> np.ndarray:
     """The centres (medoids, indices into X) of ``n_charts`` pieces of the manifold.
 
     Candidates: geodesic k-medoids (:func:`_medoids`) started from a k-means of the embedding
@@ -213,7 +215,7 @@ def _partition(emb: np.ndarray, D: np.ndarray, X: np.ndarray, eps: float, n_char
     from sklearn.cluster import KMeans
 
     rng = np.random.default_rng(seed)
-    R = fold_ratios(D, X, eps)
+    R = fold_ratios(D, X, eps) if R is None else R
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         km = KMeans(n_clusters=n_charts, n_init=4, random_state=seed).fit(emb)
@@ -330,3 +332,61 @@ def initial_atlas(X: np.ndarray, n_charts: int, latent_dim: int, seed: int,
     if coords is not None:
         coords = np.where((own >= 0)[:, None, None], coords[np.maximum(own, 0)], np.nan)
     return labels, coords
+
+
+@_one_thread
+def choose_charts(X: np.ndarray, latent_dim: int, seed: int = 0, max_charts: int = 16,
+                  max_fold: float = 4.5, max_extra: float = 0.25, max_points: int = 2000,
+                  candidates: int = 24, cache: dict | None = None) -> tuple[int, list[dict]]:
+    """The fewest charts that cover the data without strain: ``(n_charts, tried)``.
+
+    For 1, 2, ... charts, the starting atlas's pieces (:func:`_partition`) are checked: every
+    piece must hold no pair of points whose geodesic distance exceeds ``max_fold`` times
+    their straight distance (:func:`fold_ratios`; half a circle scores pi/2, three quarters
+    3.3; the spiral's 4 pieces, which train well, 4.05; a piece across the figure-8's waist
+    about 20), and none may
+    close on itself (the next eigenvalue of its geodesic MDS above ``max_extra`` times the
+    last kept one: a whole circle, a sphere). The first count that passes is returned, else
+    ``max_charts``. ``tried`` lists, per count, ``n_charts``, the worst ratio and
+    whether a piece closes. Costs one neighbour graph and its geodesic distances, then
+    about as much as one starting atlas per count tried."""
+    n = len(X)
+    k = latent_dim
+    rng = np.random.default_rng(seed)
+    sub = np.sort(rng.choice(n, max_points, replace=False)) if n > max_points else np.arange(n)
+    Xs = np.asarray(X[sub])
+    graph, cl, emb, D = _geodesic_start(Xs, k, cache)
+    if D is None or len(cl) < 2 * (k + 3):
+        return 1, []
+    eps = 2 * float(np.median(graph.data)) if graph.nnz else 0.0
+    R = fold_ratios(D, Xs[cl], eps)
+    tried = []
+    for c in range(1, max_charts + 1):
+        if c == 1:
+            labels = np.zeros(len(cl), dtype=int)
+        else:
+            centres = _partition(emb, D, Xs[cl], eps, c, seed, candidates, R=R)
+            labels = D[:, centres].argmin(1)
+        worst = float(worst_fold(R, labels, c).max())
+        closed = False
+        for e in range(c):
+            idx = np.flatnonzero(labels == e)
+            if len(idx) >= k + 3:
+                _, w = classical_mds(D[np.ix_(idx, idx)], k + 1)
+                closed |= bool(w[k] > max_extra * w[k - 1])
+        tried.append({"n_charts": c, "worst_fold": worst, "closed": closed})
+        if worst <= max_fold and not closed:
+            return c, tried
+    return max_charts, tried
+
+
+def auto_charts(X, latent_dim: int, seed: int, sample: int = 2000,
+                cache: dict | None = None) -> tuple[int, list[dict]]:
+    """:func:`choose_charts` on X (an array or memory map, (n, d)), or on a seeded sample of
+    ``sample`` of its points, in float32 as the starting atlas sees them (so ``cache`` then
+    serves both): what ``n_experts="auto"`` and ``moeae train --experts auto`` use."""
+    n = len(X)
+    idx = np.arange(n) if n <= sample else np.sort(
+        np.random.default_rng(seed).choice(n, sample, replace=False))
+    return choose_charts(np.asarray(X[idx], dtype=np.float32), latent_dim, seed=seed,
+                         cache=cache)

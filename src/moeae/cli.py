@@ -130,6 +130,16 @@ def cmd_train(args) -> int:
         X, X_te, t_te, closed, info = _load_data(st["data"], st["n_samples"], st["noise"],
                                                  st["seed"])
         st["model"].setdefault("latent_dim", info.get("manifold_dim", 1))
+        if st["model"]["n_experts"] == "auto":  # as MoEAutoencoder(n_experts="auto")
+            from .atlas import auto_charts
+
+            _, tc0 = recipe(st["recipe"], **st["train"])
+            st["model"]["n_experts"], tried = auto_charts(X, st["model"]["latent_dim"],
+                                                          st["seed"], tc0.working_set)
+            if ctx.is_main:
+                print(f"--experts auto: {st['model']['n_experts']} charts "
+                      f"(worst geodesic/straight ratio {tried[-1]['worst_fold']:.2f})"
+                      if tried else "--experts auto: 1 chart")
         mc, tc = recipe(st["recipe"], seed=st["seed"], **st["model"], **st["train"])
         check_trainable(X, st["data"], n_charts=mc.n_experts)  # named as given
         tr = train_run(st["out"], X, mc, tc, X_test=X_te, t_test=t_te, closed=closed,

@@ -41,8 +41,11 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
 
     Parameters
     ----------
-    n_experts : int, default=4
-        Number of experts (charts).
+    n_experts : int or "auto", default=4
+        Number of experts (charts). ``"auto"``: the fewest charts into which the data's
+        neighbour graph cuts without strain (:func:`moeae.atlas.choose_charts`: no chart
+        closes on itself or holds points close in space but far apart along the manifold);
+        charts the router never picks after training are then switched off.
     latent_dim : int, default=1
         Coordinates per chart; must be smaller than the number of features.
     recipe : {"best", "seed"}, default="best"
@@ -85,6 +88,11 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         for :meth:`transitions`, :meth:`orientable` and :meth:`sample`.
     history_ : list of float
         Mean training loss per epoch.
+    n_charts_ : int
+        Charts in use: those the router picks for some training point.
+    chart_choice_ : list of dict
+        With ``n_experts="auto"``: per chart count tried, its worst geodesic/straight
+        distance ratio and whether a chart closed on itself; else empty.
     """
 
     def __init__(self, *, n_experts=4, latent_dim=1, recipe="best", epochs=None,
@@ -114,8 +122,11 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
     def _configs(self, n_features: int) -> tuple[ModelConfig, TrainConfig]:
         for name in ("n_experts", "latent_dim"):
             v = getattr(self, name)
+            if name == "n_experts" and isinstance(v, str) and v == "auto":
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+                raise TypeError(f"{name} must be an int" + (" or 'auto'" if name == "n_experts"
+                                                          else "") + f", got {v!r}")
         if self.random_state is None:
             seed = int(np.random.randint(0, 2**31 - 1))
         elif isinstance(self.random_state, (int, np.integer)):
@@ -123,7 +134,8 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         else:  # a RandomState instance, as scikit-learn allows
             seed = int(self.random_state.randint(0, 2**31 - 1))
         mc, tc = recipe(
-            self.recipe, n_features=n_features, n_experts=int(self.n_experts),
+            self.recipe, n_features=n_features,
+            n_experts=1 if self.n_experts == "auto" else int(self.n_experts),
             latent_dim=int(self.latent_dim), epochs=self.epochs, batch_size=self.batch_size,
             lr=self.lr, width=self.width, depth=self.depth, dropout=self.dropout,
             weight_decay=self.weight_decay, input_noise=self.input_noise,
@@ -143,6 +155,13 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         n, d = X.shape
         mc, tc = self._configs(d)
         check_configs(mc, tc, n, d)
+        atlas_cache: dict = {}  # the neighbour graph, shared with the starting atlas
+        self.chart_choice_ = []
+        if isinstance(self.n_experts, str):
+            from .atlas import auto_charts
+
+            mc.n_experts, self.chart_choice_ = auto_charts(X, mc.latent_dim, tc.seed,
+                                                           tc.working_set, atlas_cache)
         # identical points, no variance in float32, fewer distinct points than charts
         check_trainable(X, str(getattr(X, "filename", None) or "X"), n_charts=mc.n_experts)
         if isinstance(self.n_init, str) and self.n_init == "auto":
@@ -157,6 +176,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         trainer = Trainer(MoEAE(mc, [mc.n_experts] * k), tc, [tc.seed + i for i in range(k)],
                           resolve_device(tc.device))
         data = trainer.data(X)  # one array, shared by the k starts
+        trainer.atlas_cache = atlas_cache
         trainer.initialize(data)
         trainer.fit(data, tc.epochs, progress=bool(self.verbose))
         # judged on all points, or on a fixed sample of SELECT_MAX of them
@@ -170,6 +190,16 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         ref = np.arange(n) if n <= REFERENCE_MAX else np.sort(
             np.random.default_rng(tc.seed).choice(n, REFERENCE_MAX, replace=False))
         self.codes_ = encode(self.model_, np.asarray(X[ref], dtype=np.float64))
+        if isinstance(self.n_experts, str):  # switch off the charts nobody uses
+            used = np.zeros(mc.n_experts, dtype=bool)
+            for i in range(0, n, SCAN_ROWS):
+                rows = np.asarray(X[i:i + SCAN_ROWS], dtype=np.float64)
+                used[np.unique(encode(self.model_, rows)[:, 0].astype(int))] = True
+            if used.any() and not used.all():
+                with torch.no_grad():
+                    self.model_.active[0] = torch.as_tensor(used)
+                self.codes_ = encode(self.model_, np.asarray(X[ref], dtype=np.float64))
+        self.n_charts_ = int(self.model_.active[0].sum())
         return self
 
     def _input(self, X, reset: bool):
@@ -270,7 +300,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         """Write the fitted model to one safetensors file (atomically)."""
         check_is_fitted(self)
         meta = {"params": self.get_params(), **to_dict(self.model_config_, self.train_config_),
-                "history": self.history_}
+                "history": self.history_, "chart_choice": self.chart_choice_}
         meta["params"]["random_state"] = self.random_state_
         weights = {k: (v.float() if v.is_floating_point() else v).cpu()
                    for k, v in self.model_.state_dict().items()}
@@ -294,6 +324,8 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         if "codes" in ck["extra"]:
             est.codes_ = ck["extra"]["codes"].double().numpy()
         est.n_features_in_ = mc.n_features
+        est.n_charts_ = int(model.active[0].sum())
+        est.chart_choice_ = ck["meta"].get("chart_choice", [])
         est.random_state_ = est.random_state
         return est
 

@@ -135,6 +135,7 @@ class Trainer:
         self.knn: torch.Tensor | None = None  # (M, n, k) neighbours of each training point
         self.coords: torch.Tensor | None = None  # (M, n, E, k) starting chart coordinates
         self.anchor: torch.Tensor | None = None  # (M, W) the atlas's sample of large data
+        self.atlas_cache: dict = {}  # models on the same data share its graph and embedding
         self.optimizer = FusedAdam(self.model.parameters(), lr=cfg.lr,
                                    weight_decay=cfg.weight_decay)
 
@@ -175,9 +176,9 @@ class Trainer:
         if self.cfg.chart_init:
             k = self.model.cfg.latent_dim
             E = max(self.model.counts)
-            shared: dict = {}  # models on the same data share its graph and embedding
             starts = [initial_atlas(Xa[m].cpu().numpy(), c, k, s, overlap=self.cfg.init_overlap,
-                                    coordinates=self.cfg.latent_init > 0, cache=shared)
+                                    coordinates=self.cfg.latent_init > 0,
+                                    cache=self.atlas_cache)
                       for m, (c, s) in enumerate(zip(self.model.counts, self.seeds))]
             labels = [np.pad(lab, ((0, 0), (0, E - lab.shape[1]))) for lab, _ in starts]
             dtype = self.model.shift.dtype
