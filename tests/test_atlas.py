@@ -97,3 +97,56 @@ def test_a_shared_cache_changes_nothing():
         np.testing.assert_array_equal(cached[0], alone[0])
         np.testing.assert_array_equal(cached[1], alone[1])
     assert len(cache) == 1  # one data set: one graph and embedding
+
+
+def _waist_distance(t_cuts):
+    """Distance of the nearest chart boundary to the figure-8's waist (t = 0, pi)."""
+    d = np.abs(((np.asarray(t_cuts) + np.pi / 2) % np.pi) - np.pi / 2)
+    return float(d.min())
+
+
+def test_figure8_charts_are_not_cut_at_the_waist():
+    """Plain k-means of the embedding cut the two lobes apart (boundaries at the waist) on
+    most samples; the chosen partition puts both boundaries far from it (pi/2 is ideal)."""
+    from moeae.atlas import fold_ratios, worst_fold
+    for seed in range(6):
+        X, t = ds.make_figure8(1000, random_state=seed)
+        labels, _ = initial_atlas(X, 2, 1, seed=seed)
+        chart = labels.argmax(1)
+        graph, clean = neighbour_graph(X, 10, 1)
+        c = np.flatnonzero(clean)
+        o = c[np.argsort(t[c])]  # clean points along the curve
+        cuts = t[o][np.flatnonzero(np.diff(chart[o]))]
+        assert _waist_distance(cuts) > 1.0, (seed, cuts)
+        from moeae.atlas import geodesic_distances
+        D = geodesic_distances(graph[c][:, c])
+        R = fold_ratios(D, X[c], 0.02)
+        assert worst_fold(R, chart[c], 2).max() < 2.0  # each piece: about half a loop
+        lobes = (t[c] > np.pi).astype(int)  # the cut the old atlas made
+        assert worst_fold(R, lobes, 2).max() > 10.0  # both branches meet inside a lobe
+
+
+def test_fold_ratio_of_arcs_is_arc_over_chord():
+    from moeae.atlas import fold_ratios, worst_fold
+    t = np.linspace(0, 1.5 * np.pi, 301)  # three quarters of a circle
+    X = np.c_[np.cos(t), np.sin(t)]
+    D = np.abs(t[:, None] - t[None])  # exact geodesic distances along the arc
+    R = fold_ratios(D, X, 0.0)
+    expected = 1.5 * np.pi / np.sqrt(2)  # arc length over chord between the ends
+    np.testing.assert_allclose(worst_fold(R, np.zeros(301, int), 1), [expected], rtol=1e-9)
+    halves = (t > 0.75 * np.pi).astype(int)
+    np.testing.assert_allclose(worst_fold(R, halves, 2).max(),
+                               0.75 * np.pi / (2 * np.sin(0.375 * np.pi)), rtol=1e-3)
+
+
+def test_choose_charts_fewest_that_neither_close_nor_fold():
+    from moeae.atlas import choose_charts
+    X, _ = ds.make_circle(600, random_state=0)
+    E, tried = choose_charts(X, 1, seed=0)
+    assert E == 2 and tried[0]["closed"] and not tried[1]["closed"]  # one chart closes
+    X, _ = ds.make_figure8(800, random_state=1)
+    E, tried = choose_charts(X, 1, seed=1)
+    assert E == 2 and tried[0]["worst_fold"] > 10  # one chart holds the crossing
+    t = np.linspace(0, np.pi / 2, 400)  # a quarter circle: one chart suffices
+    E, tried = choose_charts(np.c_[np.cos(t), np.sin(t)], 1)
+    assert E == 1 and len(tried) == 1

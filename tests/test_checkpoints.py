@@ -3,6 +3,7 @@ truncated or planted (pickle) files refused with a clear error and nothing execu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -337,3 +338,44 @@ def test_written_files_get_normal_permissions(tmp_path):
         assert (tmp_path / "old.bin").read_bytes() == b"new"
     finally:
         os.umask(umask)
+
+
+def test_several_starts_resume_exactly_and_keep_the_best(tmp_path, monkeypatch):
+    from moeae import run
+    from moeae.config import recipe
+    from moeae.datasets import make_figure8
+
+    X, _ = make_figure8(200, random_state=0)
+    mc, tc = recipe("best", n_features=2, n_experts=2, width=16, depth=2, epochs=4, n_init=2)
+    run.train_run(tmp_path / "whole", X, mc, tc)
+    record = run._Recorder.__call__
+
+    def stop_after_two(self, trainer):
+        record(self, trainer)
+        if trainer.state.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run._Recorder, "__call__", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run.train_run(tmp_path / "cut", X, mc, tc)
+    monkeypatch.undo()
+    with pytest.raises(run.RunError, match="holds 2 starts still in training"):
+        run.load_model(tmp_path / "cut")
+    run.resume_run(tmp_path / "cut")
+    whole, _ = run.load_model(tmp_path / "whole")
+    cut, _ = run.load_model(tmp_path / "cut")
+    for name, w in whole.state_dict().items():
+        assert torch.equal(w, cut.state_dict()[name]), name
+    # the kept start reconstructs the training data better than the other one
+    errs = []
+    for s in (0, 1):
+        one = run.train_run(tmp_path / f"s{s}", X, mc, dataclasses.replace(tc, n_init=1,
+                                                                            seed=s))
+        m = one.model.double()
+        x = torch.as_tensor(X)[None]
+        _, xh = m.hard(m(x))
+        errs.append(float(((xh - x) ** 2).sum(-1).mean()))
+    kept, _ = run.load_model(tmp_path / "whole")
+    _, xh = kept.hard(kept(torch.as_tensor(X)[None]))
+    assert float(((xh - torch.as_tensor(X)[None]) ** 2).sum(-1).mean()) == \
+        pytest.approx(min(errs), rel=1e-4)

@@ -4,6 +4,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 from sklearn.utils.estimator_checks import check_estimator
 
 import moeae
@@ -136,3 +137,26 @@ def test_command_line_trains_what_the_estimator_trains(tmp_path):
             np.testing.assert_array_equal(w.numpy(), ours[name].float().double().numpy(),
                                           err_msg=name)
         assert est.train_config_.n_init == (n_init or 1)
+
+
+def test_n_experts_auto_picks_and_reports_the_chart_count(tmp_path):
+    X, _ = moeae.datasets.make_circle(400, random_state=0)
+    est = MoEAutoencoder(n_experts="auto", epochs=3, width=16, depth=2, random_state=0).fit(X)
+    assert est.model_config_.n_experts == 2  # one chart would close on itself
+    assert est.chart_choice_[0]["closed"] and not est.chart_choice_[1]["closed"]
+    assert est.n_charts_ == len(np.unique(est.predict(X)))  # the charts in use
+    est.save(tmp_path / "m.safetensors")
+    back = MoEAutoencoder.load(tmp_path / "m.safetensors")
+    assert back.n_charts_ == est.n_charts_ and back.chart_choice_ == est.chart_choice_
+    with pytest.raises(TypeError, match="n_experts must be an int or 'auto', got 'many'"):
+        MoEAutoencoder(n_experts="many").fit(X)
+
+
+def test_subnormals_are_flushed_only_while_training():
+    from moeae.training import flush_denormals
+
+    tiny = torch.tensor([1e-39])  # subnormal in float32
+    assert (tiny * 1.0).item() != 0.0
+    with flush_denormals():
+        assert (tiny * 1.0).item() == 0.0
+    assert (tiny * 1.0).item() != 0.0  # the caller's setting is back

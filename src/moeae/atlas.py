@@ -153,8 +153,9 @@ def fold_ratios(D: np.ndarray, X: np.ndarray, eps: float) -> np.ndarray:
     ``eps`` (about the spacing of neighbours) keeps graph detours of near points from
     counting."""
     sq = (X**2).sum(1)
-    A = np.sqrt(np.clip(sq[:, None] + sq[None] - 2 * X @ X.T, 0, None))
-    return (D + eps) / (A + eps)
+    A = np.sqrt(np.clip(sq[:, None] + sq[None] - 2 * X @ X.T, 0, None)) + eps
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(A > 0, (D + eps) / np.where(A > 0, A, 1.0), 1.0)  # a point to itself: 1
 
 
 def worst_fold(R: np.ndarray, labels: np.ndarray, n_charts: int) -> np.ndarray:

@@ -323,7 +323,6 @@ def _run(args: argparse.Namespace) -> int:
             args.threads = max(1, (os.cpu_count() or 1) // local)
         args.threads = resolve_threads(args.threads)
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # denormal Adam moments slow CPU steps several-fold
     import signal
 
     from .checkpoint import CheckpointError
