@@ -1,6 +1,10 @@
 """Quality and fit time of the default (``best``) recipe on held-out data.
 
-    python benchmarks/quality.py [--only NAME ...] [--seeds 1]
+    python benchmarks/quality.py [--only NAME ...] [--seeds 1] [--n-init N]
+
+Each seed draws its own training sample. Per case: hard FVU, the mean and the worst (sup)
+distance of a test point to its hard reconstruction, and, over the seeds, the share with hard
+FVU <= 1e-4 and the worst FVU.
 
 Curves are trained on 1000 random points and tested on 1000 new ones (the even grid where
 there is one); surfaces on 2000 random points, tested on 2000 new ones; digits on the first
@@ -85,25 +89,37 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--n-init", default="auto")
     args = ap.parse_args()
     torch.set_num_threads(1)
     names = args.only or [*CASES, "digits"]
-    print(f"{'case':16s} {'seed':>4s} {'fit s':>6s} {'fvu soft':>9s} {'fvu hard':>9s}")
+    n_init = args.n_init if args.n_init == "auto" else int(args.n_init)
+    print(f"{'case':16s} {'seed':>4s} {'fit s':>6s} {'fvu soft':>9s} {'fvu hard':>9s} "
+          f"{'mean dist':>9s} {'sup dist':>9s}")
     for name in names:
+        hards, secs = [], []
         for seed in range(args.seeds):
             X, X_te, kw = digits(seed) if name == "digits" else CASES[name](seed)
             t = time.perf_counter()
-            est = MoEAutoencoder(random_state=seed, **kw).fit(X)
+            est = MoEAutoencoder(random_state=seed, n_init=n_init, **kw).fit(X)
             sec = time.perf_counter() - t
             soft = est.reconstruction_error(X_te, "soft")
             hard = est.reconstruction_error(X_te, "hard")
+            dist = np.linalg.norm(est.inverse_transform(est.transform(X_te)) - X_te, axis=1)
+            hards.append(hard)
+            secs.append(sec)
             extra = ""
             if name == "digits":
                 pcs = [fvu(X_te, PCA(c).fit(X).inverse_transform(PCA(c).fit(X).transform(X_te)))
                        for c in (2, 4, 8)]
                 extra = "  PCA 2/4/8: " + " / ".join(f"{p:.3f}" for p in pcs)
                 extra += f"  train hard {est.reconstruction_error(X, 'hard'):.3f}"
-            print(f"{name:16s} {seed:4d} {sec:6.1f} {soft:9.2e} {hard:9.2e}{extra}", flush=True)
+            print(f"{name:16s} {seed:4d} {sec:6.1f} {soft:9.2e} {hard:9.2e} {dist.mean():9.2e} "
+                  f"{dist.max():9.2e}{extra}", flush=True)
+        if args.seeds > 1:
+            ok = sum(h <= 1e-4 for h in hards)
+            print(f"{name}: hard FVU <= 1e-4 on {ok} of {len(hards)} seeds, worst "
+                  f"{max(hards):.2e}, mean fit {np.mean(secs):.1f} s", flush=True)
 
 
 if __name__ == "__main__":
