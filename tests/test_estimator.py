@@ -153,7 +153,7 @@ def test_n_experts_auto_picks_and_reports_the_chart_count(tmp_path):
 
 
 def test_subnormals_are_flushed_only_while_training():
-    from moeae.training import flush_denormals
+    from moeae.optim import flush_denormals
 
     tiny = torch.tensor([1e-39])  # subnormal in float32
     assert (tiny * 1.0).item() != 0.0

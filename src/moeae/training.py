@@ -22,9 +22,8 @@ never wait for the host: a non-finite loss is recorded on the device and raised 
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +37,7 @@ from .layers import DropoutMasks
 from .model import MoEAE
 from .neighbors import kneighbors
 from .objectives import LossTerms, Objective
-from .optim import FusedAdam
+from .optim import FusedAdam, flush_denormals
 from .working_set import TrainingData, draw_indices
 
 __all__ = ["Trainer", "evaluate", "member_state", "DivergenceError", "LossTerms", "resolve_device"]
@@ -47,24 +46,6 @@ __all__ = ["Trainer", "evaluate", "member_state", "DivergenceError", "LossTerms"
 # Points per forward pass when evaluating: activations of all experts of a population stay
 # cache-sized; 128 took 0.17-0.19 s for the 12-model seed study on 1000 points, one chunk 0.31 s.
 EVAL_CHUNK = 128
-
-
-@contextlib.contextmanager
-def flush_denormals() -> Iterator[None]:
-    """CPU arithmetic treats subnormal floats as zero inside the block, as before outside it.
-
-    As a fit converges, Adam's second moments (squared gradients) fall below float32's normal
-    range, and subnormal arithmetic is slow on x86: measured on a circle fit, the Adam step
-    took 4.6 s of 14.0 s with subnormals and 1.0 s of 9.8 s without, for the same result."""
-    probe = torch.tensor([1e-39]) * torch.tensor([1.0])
-    was = bool(probe.item() == 0.0)  # the thread's setting before the block
-    if not torch.set_flush_denormal(True):  # not supported by this CPU: nothing to restore
-        yield
-        return
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(was)
 
 
 class DivergenceError(RuntimeError):
