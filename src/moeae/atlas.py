@@ -222,10 +222,10 @@ def _partition(emb: np.ndarray, D: np.ndarray, X: np.ndarray, eps: float, n_char
         km = KMeans(n_clusters=n_charts, n_init=4, random_state=seed).fit(emb)
     starts = [np.array([int(np.argmin(((emb - c) ** 2).sum(1))) for c in km.cluster_centers_])]
     for _ in range(candidates - 1):
-        centres = [int(rng.integers(len(D)))]
+        picked = [int(rng.integers(len(D)))]
         for _ in range(n_charts - 1):
-            centres.append(int(D[:, centres].min(1).argmax()))
-        starts.append(np.array(centres))
+            picked.append(int(D[:, picked].min(1).argmax()))
+        starts.append(np.array(picked))
     found = []
     for start in starts:
         centres = _medoids(D, start)
