@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 
 __all__ = ["neighbour_graph", "geodesic_embedding", "initial_atlas", "choose_charts",
-           "auto_charts"]
+           "auto_charts", "fold_ratios", "worst_fold", "geodesic_distances", "classical_mds"]
 
 
 def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: float = 0.2,
@@ -269,7 +269,7 @@ def initial_atlas(X: np.ndarray, n_charts: int, latent_dim: int, seed: int,
     boundary, so neighbours learn to reach across it. Above ``max_points`` points the atlas is
     built on a subsample and every other point copies its nearest subsampled point.
 
-    The pieces are the best of ``candidates`` geodesic partitions (:func:`_partition`), judged
+    The pieces are the best of ``candidates`` geodesic partitions (``_partition``), judged
     by their worst :func:`fold_ratios`: a boundary next to a place where the manifold comes
     close to itself (the figure-8's waist) makes the encoders steep there. k-means of the
     embedding alone cut the figure-8 at its waist on most seeds, and those starts failed.
@@ -341,7 +341,7 @@ def choose_charts(X: np.ndarray, latent_dim: int, seed: int = 0, max_charts: int
                   candidates: int = 24, cache: dict | None = None) -> tuple[int, list[dict]]:
     """The fewest charts that cover the data without strain: ``(n_charts, tried)``.
 
-    For 1, 2, ... charts, the starting atlas's pieces (:func:`_partition`) are checked: every
+    For 1, 2, ... charts, the starting atlas's pieces (``_partition``) are checked: every
     piece must hold no pair of points whose geodesic distance exceeds ``max_fold`` times
     their straight distance (:func:`fold_ratios`; half a circle scores pi/2, three quarters
     3.3; the spiral's 4 pieces, which train well, 4.05; a piece across the figure-8's waist
