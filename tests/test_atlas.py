@@ -143,10 +143,22 @@ def test_choose_charts_fewest_that_neither_close_nor_fold():
     from moeae.atlas import choose_charts
     X, _ = ds.make_circle(600, random_state=0)
     E, tried = choose_charts(X, 1, seed=0)
-    assert E == 2 and tried[0]["closed"] and not tried[1]["closed"]  # one chart closes
+    assert E == 2 and tried[0]["flat"] > 10 and tried[1]["flat"] < 1.5  # one chart folds
     X, _ = ds.make_figure8(800, random_state=1)
     E, tried = choose_charts(X, 1, seed=1)
-    assert E == 2 and tried[0]["worst_fold"] > 10  # one chart holds the crossing
+    assert E == 2 and tried[0]["fold"] > 10  # one chart holds the crossing
     t = np.linspace(0, np.pi / 2, 400)  # a quarter circle: one chart suffices
     E, tried = choose_charts(np.c_[np.cos(t), np.sin(t)], 1)
     assert E == 1 and len(tried) == 1
+
+
+def test_choose_charts_on_bands_and_coils():
+    """A Moebius band does not lie flat in one or two pieces (it is not orientable and it
+    closes); a coil whose turns nearly touch needs pieces shorter than a turn."""
+    from moeae.atlas import choose_charts
+    X, _ = ds.make_moebius(1500, half_twists=1, random_state=0)
+    E, tried = choose_charts(X, 2, seed=0)
+    assert E == 3 and tried[0]["flat"] > 3 and tried[1]["flat"] > 2.5
+    X, _ = ds.make_helix(1000, turns=3, pitch=0.3, random_state=0)
+    E, tried = choose_charts(X, 1, seed=0)
+    assert E >= 4 and tried[E - 2]["fold"] > 10  # fewer pieces hold two neighbouring turns

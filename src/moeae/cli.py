@@ -137,8 +137,8 @@ def cmd_train(args) -> int:
             st["model"]["n_experts"], tried = auto_charts(X, st["model"]["latent_dim"],
                                                           st["seed"], tc0.working_set)
             if ctx.is_main:
-                print(f"--experts auto: {st['model']['n_experts']} charts "
-                      f"(worst geodesic/straight ratio {tried[-1]['worst_fold']:.2f})"
+                print(f"--experts auto: {st['model']['n_experts']} charts (fold "
+                      f"{tried[-1]['fold']:.2f}, flat {tried[-1]['flat']:.2f})"
                       if tried else "--experts auto: 1 chart")
         mc, tc = recipe(st["recipe"], seed=st["seed"], **st["model"], **st["train"])
         check_trainable(X, st["data"], n_charts=mc.n_experts)  # named as given

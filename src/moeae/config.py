@@ -8,6 +8,7 @@ its folder alone. ``moeae train --config FILE.toml`` reads the same fields from 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -17,7 +18,7 @@ from typing import Any
 
 __all__ = ["ModelConfig", "TrainConfig", "RECIPES", "recipe", "to_dict", "from_dict",
            "ConfigError", "RUN_KEYS", "read_config_file", "merge_settings",
-           "ISOMETRIC_WEIGHT", "isometric_overrides"]
+           "ISOMETRIC_WEIGHT", "isometric_overrides", "with_budget"]
 
 ISOMETRIC_WEIGHT = 1.0  #: weight of the isometry and folding terms when isometric is True
 
@@ -32,7 +33,8 @@ class ModelConfig:
     width: int = 100  #: hidden units of every MLP (router, encoders, decoders)
     depth: int = 4  #: hidden layers of every MLP
     activation: str = "relu"  #: hidden activation: relu | silu | tanh | softplus
-    chart_activation: str | None = None  #: the experts' hidden activation (None: activation)
+    chart_activation: str | None = None  #: the experts' hidden activation (None: activation;
+    #:                                      "auto": relu for curves, silu for surfaces)
     dropout: float = 0.1  #: dropout after each hidden layer
     output_dropout: bool = True  #: seed quirk: dropout also on latents, outputs and router logits
 
@@ -42,6 +44,9 @@ class TrainConfig:
     """The training loop: optimiser, schedule, routing and the chart start."""
 
     epochs: int = 5  #: passes over the training set
+    min_steps: int = 0  #: at least this many steps per chart dimension (latent_dim): data
+    #:                     smaller than the working set trains more epochs (0: off; a given
+    #:                     ``epochs`` turns it off)
     batch_size: int = 32  #: points per step
     lr: float = 1e-3  #: Adam learning rate (peak, if a schedule is set)
     weight_decay: float = 0.0  #: decoupled weight decay (AdamW) when > 0
@@ -60,6 +65,8 @@ class TrainConfig:
     latent_init: float = 0.0  #: warm-start pull of each chart's z towards geodesic coordinates
     relabel_neighbors: int = 0  #: > 0: per-epoch targets averaged over this many neighbours
     relabel_hard: bool = False  #: per-epoch targets one-hot (the argmax of the average)
+    expert_overlap: int = 0  #: > 0: each expert also learns the points near its chart: weight
+    #:                          the share of a point's this many neighbours that are its
     standardize: bool = False  #: centre inputs and divide by one overall scale
     input_noise: float = 0.0  #: Gaussian noise on (standardized) training inputs
     isometry: float = 0.0  #: weight of the isometry term: decoders keep lengths up to one scale
@@ -81,13 +88,14 @@ def _seed_recipe() -> tuple[ModelConfig, TrainConfig]:
 
 
 def _best_recipe() -> tuple[ModelConfig, TrainConfig]:
-    model = ModelConfig(width=100, depth=4, dropout=0.0, output_dropout=False)
+    # ReLU charts for curves, SiLU for surfaces (chart_activation "auto", see moeae.model)
+    model = ModelConfig(width=100, depth=4, dropout=0.0, output_dropout=False,
+                        chart_activation="auto")
     train = TrainConfig(
-        epochs=100, batch_size=64, lr=3e-3, schedule="cosine", warmup_epochs=1,
+        epochs=100, min_steps=1600, batch_size=64, lr=3e-3, schedule="cosine", warmup_epochs=1,
         router_loss_weight=0.0, routing="responsibility", tau_start=0.1, tau_end=1e-3,
         chart_init=True, warm_start_epochs=20, init_overlap=0.3, latent_init=1.0,
-        relabel_neighbors=10,
-        relabel_hard=True, standardize=True,
+        relabel_neighbors=10, relabel_hard=True, expert_overlap=30, standardize=True,
     )
     return model, train
 
@@ -100,6 +108,8 @@ def recipe(name: str, **overrides: Any) -> tuple[ModelConfig, TrainConfig]:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(RECIPES)}")
     model, train = RECIPES[name]()
+    if overrides.get("epochs") is not None:  # epochs as asked, not raised to min_steps
+        train.min_steps = 0
     mfields = {f.name for f in dataclasses.fields(ModelConfig)}
     tfields = {f.name for f in dataclasses.fields(TrainConfig)}
     for key, value in overrides.items():
@@ -112,6 +122,20 @@ def recipe(name: str, **overrides: Any) -> tuple[ModelConfig, TrainConfig]:
         else:
             raise TypeError(f"unknown setting {key!r}")
     return model, train
+
+
+def with_budget(model: ModelConfig, train: TrainConfig, n_samples: int) -> TrainConfig:
+    """``train`` with ``epochs`` raised until a fit on ``n_samples`` points makes at least
+    ``min_steps x latent_dim`` steps (each epoch: ``ceil(min(n, working_set) / batch_size)``).
+
+    Measured (sphere, 1000 points, 4 charts): 100 epochs (1600 steps) left a mean
+    reconstruction distance of 0.0046, 200 epochs 0.0014; a 1000-point curve is done in 1600.
+    """
+    if train.min_steps <= 0:
+        return train
+    per_epoch = math.ceil(min(n_samples, train.working_set) / train.batch_size)
+    need = math.ceil(train.min_steps * model.latent_dim / max(1, per_epoch))
+    return dataclasses.replace(train, epochs=max(train.epochs, need))
 
 
 def isometric_overrides(isometric) -> dict:

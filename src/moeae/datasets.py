@@ -22,13 +22,17 @@ __all__ = [
     "make_circle",
     "make_cylinder",
     "make_figure8",
+    "make_helicoid",
+    "make_helix",
     "make_moebius",
+    "make_shifting_picture",
     "make_s_curve",
     "make_sphere",
     "make_spiral",
     "make_swiss_roll",
     "make_torus",
     "make_trefoil",
+    "make_turning_picture",
 ]
 
 
@@ -203,6 +207,80 @@ def make_cylinder(n_samples=1000, *, radius=1.0, height=2.0, noise=0.0, random_s
     return X, np.stack([u, h], 1)
 
 
+def make_helix(n_samples=1000, *, turns=3.0, pitch=0.3, noise=0.0, random_state=None,
+               grid=False):
+    """A coil of unit radius, ``(cos t, sin t, pitch t / (2 pi))``, ``t`` in
+    ``[0, 2 pi turns]``: with a small ``pitch`` its turns nearly touch (points one turn apart
+    are ``pitch`` apart in space, ``2 pi`` apart along the curve)."""
+    if not (turns > 0 and pitch > 0):
+        raise ValueError(f"need turns > 0 and pitch > 0, got turns={turns}, pitch={pitch}")
+    return _curve(lambda t: np.stack([np.cos(t), np.sin(t), pitch * t / (2 * np.pi)], 1),
+                  0.0, 2 * np.pi * turns, n_samples, noise, random_state, grid)
+
+
+def make_helicoid(n_samples=2000, *, turns=2.0, pitch=0.5, inner=0.5, outer=1.5, noise=0.0,
+                  random_state=None):
+    """A spiral ramp ``(s cos t, s sin t, pitch t / (2 pi))``, ``s`` uniform in
+    ``[inner, outer]``, ``t`` uniform in ``[0, 2 pi turns]``: sheets one turn apart lie
+    ``pitch`` apart. Returns ``t`` of shape (n_samples, 2): ``(t, s)``."""
+    _check_common(n_samples, noise)
+    if not (turns > 0 and pitch > 0 and 0 <= inner < outer):
+        raise ValueError(f"need turns > 0, pitch > 0 and 0 <= inner < outer, got "
+                         f"turns={turns}, pitch={pitch}, inner={inner}, outer={outer}")
+    rng = check_random_state(random_state)
+    t = rng.uniform(0.0, 2 * np.pi * turns, size=n_samples)
+    r = rng.uniform(inner, outer, size=n_samples)
+    X = np.stack([r * np.cos(t), r * np.sin(t), pitch * t / (2 * np.pi)], 1)
+    if noise > 0:
+        X = X + noise * rng.standard_normal(X.shape)
+    return X, np.stack([t, r], 1)
+
+
+def _pixels(size: int) -> tuple[np.ndarray, np.ndarray]:
+    c = (np.arange(size) + 0.5) / size * 2 - 1  # pixel centres in [-1, 1]
+    return np.meshgrid(c, c, indexing="xy")
+
+
+def make_turning_picture(n_samples=1000, *, size=24, noise=0.0, random_state=None,
+                         grid=False):
+    """A ``size`` x ``size`` picture of a bar with a dot at one end, turned through a full
+    turn: a closed curve in ``R^(size^2)`` (the dot makes the turn by pi a different
+    picture). Pixel values in [0, 1]; ``t`` is the angle in ``[0, 2 pi)``."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 4:
+        raise ValueError(f"size must be an int >= 4, got {size!r}")
+    px, py = _pixels(int(size))
+
+    def draw(t):
+        c, s = np.cos(t)[:, None, None], np.sin(t)[:, None, None]
+        u, v = c * px + s * py, -s * px + c * py  # coordinates along and across the bar
+        bar = np.exp(-0.5 * ((u / 0.45) ** 2 + (v / 0.1) ** 2))
+        dot = np.exp(-0.5 * ((u - 0.65) ** 2 + v**2) / 0.1**2)
+        return np.maximum(bar, dot).reshape(len(t), -1)
+    return _curve(draw, 0.0, 2 * np.pi, n_samples, noise, random_state, grid)
+
+
+def make_shifting_picture(n_samples=2000, *, size=16, noise=0.0, random_state=None):
+    """A ``size`` x ``size`` picture of a round blob shifted across it in both directions, the
+    picture wrapping around at its edges: a torus in ``R^(size^2)``. ``t`` (n_samples, 2): the
+    blob's centre in ``[0, 1)^2``."""
+    _check_common(n_samples, noise)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 4:
+        raise ValueError(f"size must be an int >= 4, got {size!r}")
+    rng = check_random_state(random_state)
+    t = rng.uniform(0.0, 1.0, size=(n_samples, 2))
+    px, py = _pixels(int(size))
+    gx, gy = (px + 1) / 2, (py + 1) / 2  # pixel centres in [0, 1)
+
+    def wrap(a):
+        return (a + 0.5) % 1.0 - 0.5
+    dx = wrap(gx[None] - t[:, 0, None, None])
+    dy = wrap(gy[None] - t[:, 1, None, None])
+    X = np.exp(-0.5 * (dx**2 + dy**2) / 0.12**2).reshape(n_samples, -1)
+    if noise > 0:
+        X = X + noise * rng.standard_normal(X.shape)
+    return X, t
+
+
 def embed(X, n_features, *, noise=0.0, random_state=None):
     """Place data isometrically into ``R^n_features`` by a random orthonormal map, plus noise.
 
@@ -262,6 +340,10 @@ DATASETS: dict[str, DatasetInfo] = {
     "cylinder": DatasetInfo(make_cylinder, 2, True, False),
     "moebius": DatasetInfo(make_moebius, 2, True, False),
     "s_curve": DatasetInfo(make_s_curve, 2, False, False),
+    "helix": DatasetInfo(make_helix, 1, False, True),
+    "helicoid": DatasetInfo(make_helicoid, 2, False, False),
+    "turning_picture": DatasetInfo(make_turning_picture, 1, True, True),
+    "shifting_picture": DatasetInfo(make_shifting_picture, 2, True, False),
 }
 
 

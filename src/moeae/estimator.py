@@ -23,6 +23,7 @@ from .config import (
     isometric_overrides,
     recipe,
     to_dict,
+    with_budget,
 )
 from .data import SCAN_ROWS, check_trainable
 from .model import MoEAE
@@ -43,8 +44,9 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
     ----------
     n_experts : int or "auto", default=4
         Number of experts (charts). ``"auto"``: the fewest charts into which the data's
-        neighbour graph cuts without strain (:func:`moeae.atlas.choose_charts`: no chart
-        closes on itself or holds points close in space but far apart along the manifold);
+        neighbour graph cuts without strain (:func:`moeae.atlas.choose_charts`: every chart lies
+        flat in ``latent_dim`` coordinates and holds no points close in space but far apart
+        along the manifold);
         charts the router never picks after training are then switched off.
     latent_dim : int, default=1
         Coordinates per chart; must be smaller than the number of features.
@@ -91,8 +93,8 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
     n_charts_ : int
         Charts in use: those the router picks for some training point.
     chart_choice_ : list of dict
-        With ``n_experts="auto"``: per chart count tried, its worst geodesic/straight
-        distance ratio and whether a chart closed on itself; else empty.
+        With ``n_experts="auto"``: per chart count tried, its worst ``fold`` and ``flat``
+        ratios (:func:`moeae.atlas.choose_charts`); else empty.
     """
 
     def __init__(self, *, n_experts=4, latent_dim=1, recipe="best", epochs=None,
@@ -154,6 +156,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         X = self._input(X, reset=True)
         n, d = X.shape
         mc, tc = self._configs(d)
+        tc = with_budget(mc, tc, n)
         check_configs(mc, tc, n, d)
         atlas_cache: dict = {}  # the neighbour graph, shared with the starting atlas
         self.chart_choice_ = []

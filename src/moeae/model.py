@@ -62,6 +62,8 @@ class MoEAE(nn.Module):
         d, k, H, L = cfg.n_features, cfg.latent_dim, cfg.width, cfg.depth
         act = cfg.activation
         chart_act = cfg.chart_activation or act  # the experts' own, if set
+        if chart_act == "auto":  # ReLU charts fitted curves best, SiLU surfaces
+            chart_act = "relu" if k == 1 else "silu"
         self.router = StackedMLP(M, d, H, L, E, "linear", hidden_activation=act)
         self.encoder = StackedMLP(G, d, H, L, k, "tanh", hidden_activation=chart_act)
         self.decoder = StackedMLP(G, k, H, L, d, "linear", hidden_activation=chart_act)

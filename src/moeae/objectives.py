@@ -81,13 +81,15 @@ class Objective:
     # -- one step ---------------------------------------------------------------------------
     def __call__(self, m: MoEAE, out: MoEOutput, x: torch.Tensor,
                  labels: torch.Tensor | None, progress: float, warm: bool,
-                 coords: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                 coords: torch.Tensor | None = None,
+                 weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Per-model loss (M,) of the forward pass ``out`` of model ``m`` on a batch x
         (M, B, d), and its terms for the log.
 
         ``labels`` (M, B, E): routing targets where ``warm`` (the warm start, or relabelled
         epochs); ``progress`` in [0, 1] anneals the temperature; ``coords`` (M, B, E, k), NaN
-        where unknown: target chart coordinates (warm start).
+        where unknown: target chart coordinates (warm start). ``weights`` (M, B, E): how much
+        each expert learns each point, where it differs from ``labels`` (``expert_overlap``).
         """
         valid = m.active
         bmean = self.batch_mean
@@ -116,7 +118,7 @@ class Objective:
                     t = self.tau(progress) * bmean(ref)[:, None, None].clamp_min(1e-12)
                     target = torch.softmax(-e / t, dim=-1)  # (M, B, E)
                 if warm:
-                    weight = target  # the given labels
+                    weight = target if weights is None else weights  # the given labels
                 elif self.cfg.expert_weight == "target":
                     weight = target
                 else:

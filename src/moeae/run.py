@@ -29,7 +29,7 @@ from .checkpoint import (
     save_npz,
     write_json,
 )
-from .config import ModelConfig, TrainConfig, from_dict, to_dict
+from .config import ModelConfig, TrainConfig, from_dict, to_dict, with_budget
 from .data import check_trainable
 from .distributed import SINGLE, Context
 from .metrics import snapshot_metrics
@@ -178,6 +178,7 @@ def train_run(run_dir, X: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainCo
     if not mapped:
         X = np.asarray(X, dtype=np.float64)
     model_cfg = dataclasses.replace(model_cfg, n_features=X.shape[1])
+    train_cfg = with_budget(model_cfg, train_cfg, len(X))
     check_configs(model_cfg, train_cfg, *X.shape)
     info = data_info or {}
     check_trainable(X, str(info.get("file") or info.get("name") or "X"),

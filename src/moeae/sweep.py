@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from .config import recipe as get_recipe
-from .config import to_dict
+from .config import to_dict, with_budget
 from .datasets import get_dataset
 from .metrics import aggregate, snapshot_metrics
 
@@ -392,6 +392,7 @@ def sweep(data, experts, seeds: int = 10, *, seed: int = 0, latent_dim: int | No
     model_cfg, train_cfg = get_recipe(recipe, latent_dim=k, epochs=epochs, device=device,
                                       **overrides)
     model_cfg.n_features = d
+    train_cfg = with_budget(model_cfg, train_cfg, n)
     for E in experts:
         check_configs(dataclasses.replace(model_cfg, n_experts=E), train_cfg, n, d)
     if source.name is None:  # as train refuses it: nothing to learn, or values too large

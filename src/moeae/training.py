@@ -46,6 +46,9 @@ __all__ = ["Trainer", "evaluate", "member_state", "DivergenceError", "LossTerms"
 # Points per forward pass when evaluating: activations of all experts of a population stay
 # cache-sized; 128 took 0.17-0.19 s for the 12-model seed study on 1000 points, one chunk 0.31 s.
 EVAL_CHUNK = 128
+# An expert learns a neighbour of its chart (expert_overlap) only where its error is within this
+# factor of the mean error of every point's own expert.
+OVERLAP_GATE = 100.0
 
 
 class DivergenceError(RuntimeError):
@@ -113,6 +116,7 @@ class Trainer:
         mc = model.cfg
         self.dropout = DropoutMasks(mc.dropout, self.dropout_gens) if mc.dropout > 0 else None
         self.labels: torch.Tensor | None = None  # (M, n, E) routing targets per point
+        self.expert_weights: torch.Tensor | None = None  # (M, n, E) after relabelling
         self.knn: torch.Tensor | None = None  # (M, n, k) neighbours of each training point
         self.coords: torch.Tensor | None = None  # (M, n, E, k) starting chart coordinates
         self.anchor: torch.Tensor | None = None  # (M, W) the atlas's sample of large data
@@ -184,7 +188,7 @@ class Trainer:
         model's data X (M, n, d): (M, n, k) indices on the device."""
         # plain k-NN: neighbours along the manifold only (no smoothing across a crossing)
         # made the figure-8 fail more often (5 of 10 starts against 3 of 10)
-        k = min(self.cfg.relabel_neighbors, X.shape[1])
+        k = min(max(self.cfg.relabel_neighbors, self.cfg.expert_overlap), X.shape[1])
         src = X if X.device.type != "cpu" else X.numpy()
         lists = [kneighbors(x, k)[1] for x in src]
         knn = torch.as_tensor(np.stack(lists), device=self.device)  # (M, n, k)
@@ -218,13 +222,25 @@ class Trainer:
         knn = self.knn
         if knn is None:
             raise RuntimeError("relabel needs the neighbour lists of initialize()")
-        k = knn.shape[-1]
         E = r.shape[-1]
-        idx = knn.reshape(M, n * k, 1).expand(-1, -1, E)
-        r = r.gather(1, idx).view(M, n, k, E).mean(2)  # (M, n, E)
+
+        def averaged(k: int) -> torch.Tensor:  # (M, n, E) over each point's k nearest
+            idx = knn[..., :k].reshape(M, n * k, 1).expand(-1, -1, E)
+            return r.gather(1, idx).view(M, n, k, E).mean(2)
+
+        labels = averaged(min(self.cfg.relabel_neighbors, knn.shape[-1]))
         if self.cfg.relabel_hard:  # winner takes the point: overlaps shrink, ties resolve
-            r = torch.nn.functional.one_hot(r.argmax(-1), E).to(r.dtype)
-        self.labels = r
+            labels = torch.nn.functional.one_hot(labels.argmax(-1), E).to(r.dtype)
+        self.labels = labels
+        # experts also learn a margin around their charts, so a point the router sends just
+        # across a boundary still finds an expert that knows it; only where that expert's
+        # error is within OVERLAP_GATE x the mean error of the points' own experts, so a
+        # neighbour in space from another turn of a coil is not taken in
+        self.expert_weights = None
+        if self.cfg.expert_overlap > 0:
+            own = err.min(-1).values.mean(1)[:, None, None]  # (M, 1, 1)
+            near = err <= OVERLAP_GATE * own
+            self.expert_weights = torch.maximum(labels, averaged(knn.shape[-1]) * near)
 
     def lr_factor(self, step: int, total: int, steps_per_epoch: int) -> float:
         warm = self.cfg.warmup_epochs * steps_per_epoch
@@ -239,10 +255,11 @@ class Trainer:
         return self.objective.tau(progress)
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor | None, progress: float,
-             warm: bool, coords: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+             warm: bool, coords: torch.Tensor | None = None,
+             weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Per-model loss (M,) of a batch x (M, B, d) and its terms (:mod:`moeae.objectives`)."""
         out = self.forward_model(x, self.dropout if self.model.training else None)
-        return self.objective(self.model, out, x, labels, progress, warm, coords)
+        return self.objective(self.model, out, x, labels, progress, warm, coords, weights)
 
     def _clip_(self) -> None:
         """Clip each model's global gradient norm separately (models stay independent)."""
@@ -347,12 +364,16 @@ class Trainer:
                 xb = xb + cfg.input_noise * m.scale * noise
             lb = None if self.labels is None or not warm else self.labels.gather(
                 1, idx[..., None].expand(-1, -1, self.labels.shape[-1]))  # (M, b, E)
+            wb = None
+            if self.expert_weights is not None and warm and epoch >= cfg.warm_start_epochs:
+                wb = self.expert_weights.gather(
+                    1, idx[..., None].expand(-1, -1, self.expert_weights.shape[-1]))
             cb = None
             if self.coords is not None and epoch < cfg.warm_start_epochs:
                 E, k = self.coords.shape[2:]
                 cb = self.coords.gather(1, idx[..., None, None].expand(-1, -1, E, k))
             self.optimizer.lr = cfg.lr * self.lr_factor(st.step, total, steps_per_epoch)
-            loss, _ = self.loss(xb, lb, st.step / max(1, total), warm, cb)
+            loss, _ = self.loss(xb, lb, st.step / max(1, total), warm, cb, wb)
             first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), s + 1,
                                     first_bad)
             self.optimizer.zero_grad()
