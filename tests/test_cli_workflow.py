@@ -40,3 +40,34 @@ def test_3d_closed_curve_from_csv_and_npy(tmp_path, capsys):
     assert main(["evaluate", str(run), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["fvu_hard"] <= 5e-4 and metrics["experts_used"] >= 2
+
+
+def test_experts_auto_on_the_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", "circle", "--experts", "auto", "--n-samples", "400",
+                 "--epochs", "2", "--out", str(out)]) == 0
+    assert "--experts auto: 2 charts" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["model"]["n_experts"] == 2
+
+
+def test_a_chart_no_point_uses_is_switched_off():
+    import torch
+
+    from moeae.config import recipe
+    from moeae.model import MoEAE
+    from moeae.run import charts_in_use, encode, switch_off_unused
+
+    mc, _ = recipe("best", n_features=2, n_experts=3, width=8, depth=1)
+    model = MoEAE(mc).double()
+    model.reset_parameters([0])
+    with torch.no_grad():  # the router prefers chart 2 everywhere, then chart 0
+        last = model.router.linears()[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([[[1.0, 0.0, 5.0]]]))
+    X = np.random.default_rng(0).normal(size=(50, 2))
+    np.testing.assert_array_equal(charts_in_use(model, X), [False, False, True])
+    assert switch_off_unused(model, X) == 1
+    with torch.no_grad():
+        model.active[0] = torch.tensor([True, True, False])  # chart 2 off: 0 takes every point
+    assert (encode(model, X)[:, 0] == 0).all()
+    assert switch_off_unused(model, X) == 1 and model.active[0].tolist() == [True, False, False]

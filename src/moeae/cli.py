@@ -130,7 +130,8 @@ def cmd_train(args) -> int:
         X, X_te, t_te, closed, info = _load_data(st["data"], st["n_samples"], st["noise"],
                                                  st["seed"])
         st["model"].setdefault("latent_dim", info.get("manifold_dim", 1))
-        if st["model"]["n_experts"] == "auto":  # as MoEAutoencoder(n_experts="auto")
+        auto = st["model"]["n_experts"] == "auto"
+        if auto:  # as MoEAutoencoder(n_experts="auto")
             from .atlas import auto_charts
 
             _, tc0 = recipe(st["recipe"], **st["train"])
@@ -144,7 +145,7 @@ def cmd_train(args) -> int:
         check_trainable(X, st["data"], n_charts=mc.n_experts)  # named as given
         tr = train_run(st["out"], X, mc, tc, X_test=X_te, t_test=t_te, closed=closed,
                        data_info=info, force=args.force, progress=show_progress(args),
-                       ctx=ctx)
+                       ctx=ctx, prune=auto)
         if ctx.is_main:
             ranks = f" on {ctx.world_size} ranks" if ctx.active else ""
             print(f"trained {st['out']}{ranks}: {tr.state.epoch} epochs, {tr.state.step} steps")

@@ -27,7 +27,7 @@ from .config import (
 )
 from .data import SCAN_ROWS, check_trainable
 from .model import MoEAE
-from .run import as_population, check_configs, decode, encode
+from .run import as_population, check_configs, decode, encode, switch_off_unused
 from .training import Trainer, evaluate, resolve_device
 from .working_set import release_pages
 
@@ -193,15 +193,8 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         ref = np.arange(n) if n <= REFERENCE_MAX else np.sort(
             np.random.default_rng(tc.seed).choice(n, REFERENCE_MAX, replace=False))
         self.codes_ = encode(self.model_, np.asarray(X[ref], dtype=np.float64))
-        if isinstance(self.n_experts, str):  # switch off the charts nobody uses
-            used = np.zeros(mc.n_experts, dtype=bool)
-            for i in range(0, n, SCAN_ROWS):
-                rows = np.asarray(X[i:i + SCAN_ROWS], dtype=np.float64)
-                used[np.unique(encode(self.model_, rows)[:, 0].astype(int))] = True
-            if used.any() and not used.all():
-                with torch.no_grad():
-                    self.model_.active[0] = torch.as_tensor(used)
-                self.codes_ = encode(self.model_, np.asarray(X[ref], dtype=np.float64))
+        if isinstance(self.n_experts, str) and switch_off_unused(self.model_, X) < mc.n_experts:
+            self.codes_ = encode(self.model_, np.asarray(X[ref], dtype=np.float64))
         self.n_charts_ = int(self.model_.active[0].sum())
         return self
 

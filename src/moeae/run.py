@@ -38,7 +38,7 @@ from .training import Trainer, evaluate, resolve_device
 from .working_set import read_rows, release_pages
 
 __all__ = ["RunError", "train_run", "resume_run", "load_model", "encode", "decode",
-           "evaluate_run", "RUN_FILES"]
+           "evaluate_run", "RUN_FILES", "charts_in_use", "switch_off_unused"]
 
 RUN_FILES = ("config.json", "data.npz", "checkpoint.safetensors", "metrics.json", "snapshots")
 
@@ -161,7 +161,8 @@ CODE_CHUNK = 8192  # points per forward pass in encode/decode: activations stay 
 def train_run(run_dir, X: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
               X_test: np.ndarray | None = None, t_test: np.ndarray | None = None,
               closed: bool = False, data_info: dict | None = None, force: bool = False,
-              progress: bool = False, ctx: Context = SINGLE) -> Trainer:
+              progress: bool = False, ctx: Context = SINGLE,
+              prune: bool = False) -> Trainer:
     """Train one model from scratch into ``run_dir``; returns the trainer.
 
     ``ctx``: under ``torchrun``, every rank calls this with the same arguments; they train the
@@ -171,6 +172,10 @@ def train_run(run_dir, X: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainCo
     its rows are read a working set at a time, and the run folder records the file's path
     instead of a copy of the data. Without ``X_test``, snapshots and metrics use the training
     data, or a fixed sample of :data:`EVAL_MAX` points of it when it is larger.
+
+    ``prune``: at the end, charts the router picks for no training point are switched off
+    (:func:`switch_off_unused`; ``moeae train --experts auto``), and the last epoch's row,
+    snapshot and checkpoint are written again.
     """
     run_dir = Path(run_dir)
     mapped = isinstance(X, np.memmap)
@@ -218,6 +223,8 @@ def train_run(run_dir, X: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainCo
         rec.checkpoint(trainer)  # epoch 0: a divergence in epoch 1 leaves a good checkpoint
     trainer.fit(X, train_cfg.epochs, on_epoch_end=rec, progress=progress and ctx.is_main)
     trainer = _keep_best(trainer, X, rec)
+    if prune and switch_off_unused(trainer.model, X) < model_cfg.n_experts and rec is not None:
+        rec(trainer)
     ctx.barrier()
     return trainer
 
@@ -370,6 +377,26 @@ def load_model(run_dir, device: str = "cpu") -> tuple[MoEAE, dict]:
         raise CheckpointError(f"{run_dir / 'checkpoint.safetensors'} does not match "
                               f"config.json ({str(exc).splitlines()[0]})") from None
     return model.double().eval().to(resolve_device(device)), config
+
+
+def charts_in_use(model: MoEAE, X, chunk: int = 65536) -> np.ndarray:
+    """Which charts of a model (a population of one) the router picks for some point of X
+    (an array or memory map, read ``chunk`` rows at a time): bool (E,)."""
+    used = np.zeros(model.counts[0], dtype=bool)
+    for i in range(0, len(X), chunk):
+        used[np.unique(encode(model, X[i:i + chunk])[:, 0].astype(np.int64))] = True
+    return used
+
+
+def switch_off_unused(model: MoEAE, X) -> int:
+    """Let the router pick only the charts it picks for some point of X (training data):
+    a chart no point uses is switched off rather than kept as a dead code. Returns the
+    charts in use."""
+    used = charts_in_use(model, X)
+    if used.any() and not used.all():
+        with torch.no_grad():
+            model.active[0] = torch.as_tensor(used, device=model.active.device)
+    return int(model.active[0].sum())
 
 
 def encode(model: MoEAE, X: np.ndarray, chunk: int = CODE_CHUNK) -> np.ndarray:

@@ -207,8 +207,11 @@ class Trainer:
         M, n = X.shape[:2]
         err = X.new_zeros((M, n, valid.shape[-1]))  # (M, n, E)
         part = slice(0, n) if self.parallel is None else self.parallel.part(n)
-        for i in range(part.start, part.stop, EVAL_CHUNK):  # this rank's part of the points
-            xb = X[:, i:min(i + EVAL_CHUNK, part.stop)]
+        # few experts: larger chunks (figure-8, 2 charts: 22 ms per relabelling in chunks of
+        # 128 points, 11 ms in one of 1000)
+        chunk = max(EVAL_CHUNK, 2048 // len(m.expert_model))
+        for i in range(part.start, part.stop, chunk):  # this rank's part of the points
+            xb = X[:, i:min(i + chunk, part.stop)]
             y = m.padded(m(xb).expert_outputs)  # (M, E, b, d)
             err[:, i:i + xb.shape[1]] = (((y - xb[:, None]) / m.scale[:, None]) ** 2
                                          ).mean(-1).transpose(1, 2)
