@@ -26,7 +26,8 @@ import warnings
 import numpy as np
 
 __all__ = ["neighbour_graph", "geodesic_embedding", "initial_atlas", "choose_charts",
-           "auto_charts", "fold_ratios", "worst_fold", "geodesic_distances", "classical_mds"]
+           "auto_charts", "clean_points", "fold_ratios", "worst_fold", "geodesic_distances",
+           "classical_mds"]
 
 
 def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: float = 0.2,
@@ -384,6 +385,16 @@ def choose_charts(X: np.ndarray, latent_dim: int, seed: int = 0, max_charts: int
         if fold <= max_fold and flat <= max_flat:
             return c, tried
     return max_charts, tried
+
+
+def clean_points(X: np.ndarray, latent_dim: int, cache: dict | None = None) -> np.ndarray:
+    """Which points of X (at most ``initial_atlas``'s ``max_points``, as it sees them) have a
+    neighbourhood of one sheet: bool (n,). Points near a self-crossing (the figure-8's waist)
+    are False; all are True where the plain neighbour graph is used (noise)."""
+    _, cl, _, _ = _geodesic_start(X, latent_dim, cache)
+    mask = np.zeros(len(X), dtype=bool)
+    mask[cl] = True
+    return mask
 
 
 def auto_charts(X, latent_dim: int, seed: int, sample: int = 2000,

@@ -117,6 +117,7 @@ class Objective:
                     ref = torch.where(valid[:, None, :], e, 0.0).sum(-1) / valid.sum(-1)[:, None]
                     t = self.tau(progress) * bmean(ref)[:, None, None].clamp_min(1e-12)
                     target = torch.softmax(-e / t, dim=-1)  # (M, B, E)
+                chart_weight = target  # the constraint terms: where each chart is used
                 if warm:
                     weight = target if weights is None else weights  # the given labels
                 elif self.cfg.expert_weight == "target":
@@ -141,8 +142,11 @@ class Objective:
                 loss = loss + self.cfg.latent_init * lat
         if self.cfg.isometry or self.cfg.fold_guard or self.cfg.chart_inverse:
             if self.cfg.routing == "soft":
-                weight = out.probs.detach()
-            iso, guard, inv = self.chart_terms(m, out, weight)
+                chart_weight = out.probs.detach()
+            elif weights is None:
+                chart_weight = weight
+            # not on an expert's margin (expert_overlap), only where its chart is used
+            iso, guard, inv = self.chart_terms(m, out, chart_weight)
             terms["isometry"], terms["fold_guard"], terms["inverse"] = iso, guard, inv
             loss = loss + self.cfg.isometry * iso + self.cfg.fold_guard * guard
             if self.cfg.chart_inverse:

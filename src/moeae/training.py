@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .atlas import initial_atlas
+from .atlas import clean_points, initial_atlas
 from .config import TrainConfig
 from .data_parallel import DataParallel
 from .distributed import SINGLE, Context, DistributedError
@@ -38,6 +38,7 @@ from .model import MoEAE
 from .neighbors import kneighbors
 from .objectives import LossTerms, Objective
 from .optim import FusedAdam, flush_denormals
+from .targets import routing_targets
 from .working_set import TrainingData, draw_indices
 
 __all__ = ["Trainer", "evaluate", "member_state", "DivergenceError", "LossTerms", "resolve_device"]
@@ -46,9 +47,6 @@ __all__ = ["Trainer", "evaluate", "member_state", "DivergenceError", "LossTerms"
 # Points per forward pass when evaluating: activations of all experts of a population stay
 # cache-sized; 128 took 0.17-0.19 s for the 12-model seed study on 1000 points, one chunk 0.31 s.
 EVAL_CHUNK = 128
-# An expert learns a neighbour of its chart (expert_overlap) only where its error is within this
-# factor of the mean error of every point's own expert.
-OVERLAP_GATE = 100.0
 
 
 class DivergenceError(RuntimeError):
@@ -117,6 +115,7 @@ class Trainer:
         self.dropout = DropoutMasks(mc.dropout, self.dropout_gens) if mc.dropout > 0 else None
         self.labels: torch.Tensor | None = None  # (M, n, E) routing targets per point
         self.expert_weights: torch.Tensor | None = None  # (M, n, E) after relabelling
+        self.clean: torch.Tensor | None = None  # (M, n) points away from self-crossings
         self.knn: torch.Tensor | None = None  # (M, n, k) neighbours of each training point
         self.coords: torch.Tensor | None = None  # (M, n, E, k) starting chart coordinates
         self.anchor: torch.Tensor | None = None  # (M, W) the atlas's sample of large data
@@ -168,6 +167,10 @@ class Trainer:
             labels = [np.pad(lab, ((0, 0), (0, E - lab.shape[1]))) for lab, _ in starts]
             dtype = self.model.shift.dtype
             self.labels = torch.as_tensor(np.stack(labels), dtype=dtype, device=self.device)
+            if self.cfg.expert_overlap > 0 and Xa.shape[1] <= 2000:  # as the atlas saw them
+                clean = [clean_points(Xa[m].cpu().numpy(), k, self.atlas_cache)
+                         for m in range(len(starts))]
+                self.clean = torch.as_tensor(np.stack(clean), dtype=dtype, device=self.device)
             if self.cfg.latent_init > 0:
                 coords = [np.pad(c, ((0, 0), (0, E - c.shape[1]), (0, 0)),
                                  constant_values=np.nan) for _, c in starts]
@@ -175,7 +178,7 @@ class Trainer:
                                               device=self.device)
         if self.relabels and W == data.n:  # else neighbours of each epoch's working set
             self.knn = self.neighbours(Xa)
-        for t in (self.labels, self.coords):  # every rank starts from rank 0's atlas
+        for t in (self.labels, self.coords, self.clean):  # every rank: rank 0's atlas
             if t is not None:
                 self.ctx.broadcast_(t)
 
@@ -194,56 +197,15 @@ class Trainer:
         knn = torch.as_tensor(np.stack(lists), device=self.device)  # (M, n, k)
         return self.ctx.broadcast_(knn)  # the same lists on every rank
 
-    @torch.no_grad()
     def relabel(self, X: torch.Tensor, progress: float) -> None:
-        """Routing targets for this epoch's working set X (M, n, d): each point's
-        responsibilities ``softmax(-err / tau)``, averaged over its nearest neighbours in the
-        data. The average keeps charts contiguous where two experts fit equally well, which
-        per-batch targets turned into many one-point fragments."""
-        m = self.model
-        was = m.training
-        m.eval()
-        valid = m.active[:, None, :]  # (M, 1, E)
-        M, n = X.shape[:2]
-        err = X.new_zeros((M, n, valid.shape[-1]))  # (M, n, E)
-        part = slice(0, n) if self.parallel is None else self.parallel.part(n)
-        # few experts: larger chunks (figure-8, 2 charts: 22 ms per relabelling in chunks of
-        # 128 points, 11 ms in one of 1000)
-        chunk = max(EVAL_CHUNK, 2048 // len(m.expert_model))
-        for i in range(part.start, part.stop, chunk):  # this rank's part of the points
-            xb = X[:, i:min(i + chunk, part.stop)]
-            y = m.padded(m(xb).expert_outputs)  # (M, E, b, d)
-            err[:, i:i + xb.shape[1]] = (((y - xb[:, None]) / m.scale[:, None]) ** 2
-                                         ).mean(-1).transpose(1, 2)
-        m.train(was)
-        if self.parallel is not None:
-            self.parallel.sum_(err)  # each point's errors from the rank that computed them
-        err = err.masked_fill(~valid, float("inf"))
-        ref = torch.where(valid, err, 0.0).sum((1, 2)) / (valid.sum((1, 2)) * err.shape[1])
-        tau = self.tau(progress) * ref.clamp_min(1e-12)[:, None, None]  # (M, 1, 1)
-        r = torch.softmax(-err / tau, dim=-1)  # (M, n, E)
-        knn = self.knn
-        if knn is None:
+        """This epoch's routing targets and expert weights for its working set X (M, n, d)
+        (:func:`moeae.targets.routing_targets`)."""
+        if self.knn is None:
             raise RuntimeError("relabel needs the neighbour lists of initialize()")
-        E = r.shape[-1]
-
-        def averaged(k: int) -> torch.Tensor:  # (M, n, E) over each point's k nearest
-            idx = knn[..., :k].reshape(M, n * k, 1).expand(-1, -1, E)
-            return r.gather(1, idx).view(M, n, k, E).mean(2)
-
-        labels = averaged(min(self.cfg.relabel_neighbors, knn.shape[-1]))
-        if self.cfg.relabel_hard:  # winner takes the point: overlaps shrink, ties resolve
-            labels = torch.nn.functional.one_hot(labels.argmax(-1), E).to(r.dtype)
-        self.labels = labels
-        # experts also learn a margin around their charts, so a point the router sends just
-        # across a boundary still finds an expert that knows it; only where that expert's
-        # error is within OVERLAP_GATE x the mean error of the points' own experts, so a
-        # neighbour in space from another turn of a coil is not taken in
-        self.expert_weights = None
-        if self.cfg.expert_overlap > 0:
-            own = err.min(-1).values.mean(1)[:, None, None]  # (M, 1, 1)
-            near = err <= OVERLAP_GATE * own
-            self.expert_weights = torch.maximum(labels, averaged(knn.shape[-1]) * near)
+        clean = self.clean if self.clean is not None and self.clean.shape[1] == X.shape[1] \
+            else None
+        self.labels, self.expert_weights = routing_targets(
+            self.model, X, self.knn, self.cfg, self.tau(progress), self.parallel, clean)
 
     def lr_factor(self, step: int, total: int, steps_per_epoch: int) -> float:
         warm = self.cfg.warmup_epochs * steps_per_epoch
@@ -425,6 +387,8 @@ class Trainer:
             extra["knn"] = self.knn
         if self.coords is not None:
             extra["coords"] = self.coords
+        if self.clean is not None:
+            extra["clean"] = self.clean
         if self.anchor is not None:
             extra["anchor"] = self.anchor
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -443,6 +407,8 @@ class Trainer:
         self.labels = None if labels is None else labels.to(self.device)
         knn = sd.get("extra", {}).get("knn")
         self.knn = None if knn is None else knn.to(self.device)
+        clean = sd.get("extra", {}).get("clean")
+        self.clean = None if clean is None else clean.to(self.device)
         coords = sd.get("extra", {}).get("coords")
         self.coords = None if coords is None else coords.to(self.device)
         anchor = sd.get("extra", {}).get("anchor")
