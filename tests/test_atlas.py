@@ -9,7 +9,13 @@ from scipy.stats import spearmanr
 from sklearn.neighbors import kneighbors_graph
 
 from moeae import datasets as ds
-from moeae.atlas import geodesic_embedding, initial_atlas, neighbour_graph
+from moeae.atlas import (
+    align_coordinates,
+    geodesic_embedding,
+    initial_atlas,
+    landmark_embedding,
+    neighbour_graph,
+)
 from moeae.metrics import chart_shape
 
 
@@ -51,6 +57,48 @@ def test_geodesic_embedding_of_a_path_is_its_arc_length():
     z0 = z[:, 0] * np.sign(z[0, 0] * expected[0])
     np.testing.assert_allclose(z0, expected, atol=1e-8)
     assert abs(w[1]) < 1e-8 * w[0]  # a path is flat: no second dimension
+
+
+def test_landmark_embedding_of_a_flat_piece_matches_all_pairs():
+    """Landmark MDS places every point from its distances to 200 landmarks: on a path it is
+    the arc length exactly, on a flat strip of a plane within 2% of all-pairs MDS."""
+    rng = np.random.default_rng(0)
+    pos = np.sort(rng.uniform(0, 50, 600))  # a path with uneven spacing
+    i = np.arange(599)
+    path = csr_matrix((np.diff(pos), (i, i + 1)), shape=(600, 600))
+    z, w = landmark_embedding(path, pos[:, None], 2)
+    expected = pos - pos.mean()
+    np.testing.assert_allclose(z[:, 0] * np.sign(z[0, 0] * expected[0]), expected, atol=1e-6)
+    assert abs(w[1]) < 1e-8 * w[0]
+    X = np.c_[rng.uniform(0, 4, 800), rng.uniform(0, 1, 800), np.zeros(800)]
+    graph, _ = neighbour_graph(X, 10, 2)
+    a, wa = geodesic_embedding(graph, 2)
+    b, wb = landmark_embedding(graph, X, 2)
+    a, b = a - a.mean(0), b - b.mean(0)
+    u, _, vt = np.linalg.svd(b.T @ a)  # the best rotation (or reflection) of b onto a
+    assert np.linalg.norm(b @ u @ vt - a) < 0.02 * np.linalg.norm(a)
+    np.testing.assert_allclose(wb / wb[0], wa / wa[0], atol=0.02)
+
+
+def test_coordinates_turn_to_where_the_encoders_start():
+    """Each chart's coordinates take the orthogonal map (sign, rotation, reflection) nearest
+    to the encoder's starting output; lengths, unknown points and other charts are kept."""
+    rng = np.random.default_rng(0)
+    C = np.full((50, 3, 2), np.nan)
+    C[:30, 0] = rng.normal(size=(30, 2))
+    C[20:, 1] = rng.normal(size=(30, 2))  # chart 2 has no coordinates
+    turn = np.array([[0.0, 1.0], [1.0, 0.0]])  # a reflection
+    angle = 0.7
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    start = np.zeros((50, 3, 2))
+    start[:, 0] = 0.01 * np.nan_to_num(C[:, 0]) @ turn + 0.3  # small, shifted, reflected
+    start[:, 1] = 0.01 * np.nan_to_num(C[:, 1]) @ rot
+    out = align_coordinates(C, start + 1e-5 * rng.normal(size=start.shape))
+    np.testing.assert_allclose(out[:30, 0], C[:30, 0] @ turn, atol=1e-3)
+    np.testing.assert_allclose(out[20:, 1], C[20:, 1] @ rot, atol=1e-3)
+    assert np.isnan(out[30:, 0]).all() and np.isnan(out[:20, 1]).all() and np.isnan(out[:, 2]).all()
+    line = np.linspace(-1, 1, 9)[:, None, None]
+    np.testing.assert_allclose(align_coordinates(line, -line), -line)  # k = 1: the sign
 
 
 def test_spiral_charts_are_arcs_with_monotone_coordinates():

@@ -25,9 +25,9 @@ import warnings
 
 import numpy as np
 
-__all__ = ["neighbour_graph", "geodesic_embedding", "initial_atlas", "choose_charts",
-           "auto_charts", "clean_points", "fold_ratios", "worst_fold", "geodesic_distances",
-           "classical_mds"]
+__all__ = ["neighbour_graph", "geodesic_embedding", "landmark_embedding", "align_coordinates",
+           "initial_atlas", "choose_charts", "auto_charts", "clean_points", "fold_ratios",
+           "worst_fold", "geodesic_distances", "classical_mds"]
 
 
 def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: float = 0.2,
@@ -144,6 +144,57 @@ def geodesic_embedding(graph, n_components: int) -> tuple[np.ndarray, np.ndarray
     """Classical MDS of the shortest-path distances of ``graph``: (n, n_components) and the
     eigenvalues (n_components,). Unreachable pairs get the largest finite distance."""
     return classical_mds(geodesic_distances(graph), n_components)
+
+
+def landmark_embedding(graph, X: np.ndarray, n_components: int,
+                       landmarks: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`geodesic_embedding` from shortest paths to ``landmarks`` points only (landmark
+    MDS, de Silva & Tenenbaum 2004): the landmarks, spread by farthest-point sampling of X
+    (n, d) from its first point, are placed by classical MDS of their own distances, every
+    point by its distances to them. Exact for distances that are Euclidean in a flat space;
+    a chart of 800 points costs a quarter of its all-pairs shortest paths. Returns
+    (n, n_components) and the landmarks' eigenvalues (n_components,)."""
+    from scipy.sparse.csgraph import shortest_path
+
+    n = len(X)
+    if n <= landmarks:
+        return geodesic_embedding(graph, n_components)
+    picked = [0]
+    near = ((X - X[0]) ** 2).sum(1)
+    for _ in range(landmarks - 1):
+        picked.append(int(near.argmax()))
+        near = np.minimum(near, ((X - X[picked[-1]]) ** 2).sum(1))
+    D = shortest_path(graph, method="D", directed=False, indices=picked)  # (L, n)
+    finite = np.isfinite(D)
+    if not finite.all():
+        D[~finite] = D[finite].max() if finite.any() else 0.0
+    S = D**2
+    L = S[:, picked]  # (L, L) squared distances between landmarks
+    Y, w = classical_mds(np.sqrt(L), n_components)
+    m = int((w > 1e-12 * max(float(w[0]), 1e-300)).sum())  # directions with a scale
+    Z = np.zeros((n, n_components))
+    # each point from its squared distances to the landmarks: -1/2 pinv(Y)^T (S_i - mean S_L)
+    Z[:, :m] = -0.5 * (S - L.mean(1, keepdims=True)).T @ (Y[:, :m] / w[:m])
+    return Z - Z.mean(0), w  # centred on all points, as geodesic_embedding
+
+
+def align_coordinates(coords: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Each chart's coordinates turned to agree with where its encoder starts.
+
+    coords (n, E, k), NaN where a point has none; start (n, E, k): each encoder's output at
+    its initial weights. A chart's geodesic coordinates are defined up to an orthogonal map
+    (an eigenvector's sign, a rotation or reflection of the plane); the one taken here
+    (orthogonal Procrustes) is nearest to what the encoder already computes, so the warm start
+    does not first have to turn the encoder over."""
+    out = coords.copy()
+    for e in range(coords.shape[1]):
+        known = ~np.isnan(coords[:, e]).any(-1)
+        if known.sum() < 2:
+            continue
+        C, Z = coords[known, e], start[known, e] - start[known, e].mean(0)
+        u, _, vt = np.linalg.svd(C.T @ Z)
+        out[known, e] = C @ (u @ vt)
+    return out
 
 
 def fold_ratios(D: np.ndarray, X: np.ndarray, eps: float) -> np.ndarray:
@@ -319,7 +370,7 @@ def initial_atlas(X: np.ndarray, n_charts: int, latent_dim: int, seed: int,
             if len(idx) < k + 3:
                 continue
             try:
-                z, w = geodesic_embedding(graph[cl[idx]][:, cl[idx]], k + 1)
+                z, w = landmark_embedding(graph[cl[idx]][:, cl[idx]], Xs[cl[idx]], k + 1)
             except (ValueError, np.linalg.LinAlgError):
                 continue
             if w[k] > max_extra * w[k - 1]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .atlas import clean_points, initial_atlas
+from .atlas import align_coordinates, clean_points, initial_atlas
 from .config import TrainConfig
 from .data_parallel import DataParallel
 from .distributed import SINGLE, Context, DistributedError
@@ -174,6 +174,10 @@ class Trainer:
             if self.cfg.latent_init > 0:
                 coords = [np.pad(c, ((0, 0), (0, E - c.shape[1]), (0, 0)),
                                  constant_values=np.nan) for _, c in starts]
+                rows = np.flatnonzero(~np.isnan(np.stack(coords)).all((0, 2, 3)))  # atlas points
+                start = np.zeros(np.stack(coords).shape)
+                start[:, rows] = self._latents(Xa[:, rows])
+                coords = [align_coordinates(c, z) for c, z in zip(coords, start)]
                 self.coords = torch.as_tensor(np.stack(coords), dtype=dtype,
                                               device=self.device)
         if self.relabels and W == data.n:  # else neighbours of each epoch's working set
@@ -181,6 +185,13 @@ class Trainer:
         for t in (self.labels, self.coords, self.clean):  # every rank: rank 0's atlas
             if t is not None:
                 self.ctx.broadcast_(t)
+
+    @torch.no_grad()
+    def _latents(self, X: torch.Tensor) -> np.ndarray:
+        """Every expert's coordinates of X (M, n, d) at the current weights: (M, n, E, k)."""
+        m = self.model
+        u = ((X.to(self.device) - m.shift) / m.scale)[m.expert_model]  # (G, n, d)
+        return m.padded(m.encoder(u)).transpose(1, 2).double().cpu().numpy()
 
     @property
     def relabels(self) -> bool:
