@@ -17,7 +17,9 @@ from moeae.run import as_population
 from moeae.sampling import volume_element
 from moeae.training import evaluate
 
-SHORT = dict(n_experts=2, latent_dim=1, epochs=40, n_init=1, device="cpu")
+# 60 epochs: at 40 a 300-point circle can stop at hard FVU 3e-4, where its sample is not yet
+# uniform (Kolmogorov-Smirnov D 0.063 on seed 0; 0.017-0.033 from 60 epochs on)
+SHORT = dict(n_experts=2, latent_dim=1, epochs=60, n_init=1, device="cpu")
 
 
 @pytest.fixture(scope="module")

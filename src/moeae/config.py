@@ -67,6 +67,9 @@ class TrainConfig:
     relabel_hard: bool = False  #: per-epoch targets one-hot (the argmax of the average)
     expert_overlap: int = 0  #: > 0: each expert also learns the points near its chart: weight
     #:                          the share of a point's this many neighbours that are its
+    learn_routed: bool = False  #: with expert_overlap: near self-crossings each expert also
+    #:                             learns the points its router sends it (once per epoch), so
+    #:                             a point routed to the other branch's chart is reconstructed
     standardize: bool = False  #: centre inputs and divide by one overall scale
     input_noise: float = 0.0  #: Gaussian noise on (standardized) training inputs
     isometry: float = 0.0  #: weight of the isometry term: decoders keep lengths up to one scale
@@ -95,7 +98,8 @@ def _best_recipe() -> tuple[ModelConfig, TrainConfig]:
         epochs=100, min_steps=1000, batch_size=64, lr=3e-3, schedule="cosine", warmup_epochs=1,
         router_loss_weight=0.0, routing="responsibility", tau_start=0.1, tau_end=1e-3,
         chart_init=True, warm_start_epochs=20, init_overlap=0.3, latent_init=1.0,
-        relabel_neighbors=10, relabel_hard=True, expert_overlap=30, standardize=True,
+        relabel_neighbors=10, relabel_hard=True, expert_overlap=30, learn_routed=True,
+        standardize=True,
     )
     return model, train
 

@@ -153,6 +153,19 @@ class MoEAE(nn.Module):
         out[self.expert_model, self.expert_slot] = grouped
         return out
 
+    def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert's reconstruction of x (M, B, d) in data units, (G, B, d), without the
+        router (what relabelling needs)."""
+        u = (x - self.shift) / self.scale  # (M, B, d)
+        vg = self.decoder(self.encoder(u[self.expert_model]))  # (G, B, d)
+        return vg * self.scale[self.expert_model] + self.shift[self.expert_model]
+
+    @torch.no_grad()
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """The router's chart for each point of x (M, B, d): (M, B) long."""
+        logits = self.router((x - self.shift) / self.scale)  # (M, B, E)
+        return logits.masked_fill(~self.active[:, None, :], float("-inf")).argmax(-1)
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Atlas codes: x (M, B, d) -> chart (M, B) long, z (M, B, k) of that chart."""

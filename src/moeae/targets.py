@@ -42,7 +42,7 @@ def expert_errors(m: MoEAE, X: torch.Tensor, parallel: DataParallel | None = Non
     chunk = max(CHUNK, 2048 // len(m.expert_model))
     for i in range(part.start, part.stop, chunk):
         xb = X[:, i:min(i + chunk, part.stop)]
-        y = m.padded(m(xb).expert_outputs)  # (M, E, b, d)
+        y = m.padded(m.expert_outputs(xb))  # (M, E, b, d)
         err[:, i:i + xb.shape[1]] = (((y - xb[:, None]) / m.scale[:, None]) ** 2
                                      ).mean(-1).transpose(1, 2)
     m.train(was)
@@ -68,7 +68,11 @@ def routing_targets(m: MoEAE, X: torch.Tensor, knn: torch.Tensor, cfg: TrainConf
     times the mean error of the points' own experts (a neighbour in space from another turn of
     a coil is not taken in), and only at ``clean`` points (M, n), away from self-crossings,
     where an expert would learn the other branch (figure-8, seed 0: 95% of the error in 20
-    points at the waist).
+    points at the waist). Near those instead (a point of theirs among the ``expert_overlap``
+    nearest), with ``cfg.learn_routed``, each expert learns the points its router sends it:
+    the router cannot tell two branches apart where they cross, and a point it sends to the
+    other branch's chart is then still reconstructed (figure-8: islands of the other chart
+    reached 0.06 from the crossing, where its error was up to 0.25).
     """
     err = expert_errors(m, X, parallel)
     valid = m.active[:, None, :]
@@ -89,4 +93,12 @@ def routing_targets(m: MoEAE, X: torch.Tensor, knn: torch.Tensor, cfg: TrainConf
     near = err <= OVERLAP_GATE * own
     if clean is not None:
         near = near & (clean[..., None] > 0)
-    return labels, torch.maximum(labels, averaged(knn.shape[-1]) * near)
+    weights = torch.maximum(labels, averaged(knn.shape[-1]) * near)
+    if cfg.learn_routed and clean is not None:  # near self-crossings: where the router sends
+        k = knn.shape[-1]  # near: a crossing's point among the expert_overlap nearest
+        crossing = (clean == 0).to(r.dtype).gather(1, knn.reshape(M, n * k))
+        near_crossing = crossing.view(M, n, k).amax(-1) > 0  # (M, n)
+        routed = torch.cat([m.route(X[:, i:i + CHUNK * 8]) for i in range(0, n, CHUNK * 8)], 1)
+        onehot = torch.nn.functional.one_hot(routed, E).to(r.dtype)
+        weights = torch.maximum(weights, onehot * near_crossing[..., None])
+    return labels, weights

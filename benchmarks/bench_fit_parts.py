@@ -1,0 +1,123 @@
+"""What a default fit spends its time on, and two measured savings, in one run.
+
+    python benchmarks/bench_fit_parts.py [--repeats 5]
+
+1. The Adam step of a default model (4 charts, latent 2, 2000-point surface recipe), with its
+   parameters in one flat buffer (``FusedAdam(flat=True)``, the default) against a tensor per
+   parameter (``flat=False``): median seconds per step and the ratio.
+2. The starting charts' coordinates on four 600-900-point pieces of a sphere: landmark MDS
+   (``atlas.landmark_embedding``, 200 landmarks) against all-pairs shortest paths
+   (``atlas.geodesic_embedding``): seconds and the ratio.
+3. Whole default fits (one thread; 1000-point curves, 2000-point surfaces), seed 1: seconds
+   and hard FVU on held-out points, with the starting atlas's share.
+
+Times are wall clock on whatever else the machine is doing; parts 1 and 2 alternate the two
+variants, so their ratios hold even when the machine's speed drifts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+
+def adam_step_seconds(flat: bool, steps: int = 200) -> float:
+    from moeae.config import recipe
+    from moeae.model import MoEAE
+    from moeae.optim import FusedAdam
+
+    mc, _ = recipe("best", n_experts=4, latent_dim=2, n_features=3)
+    model = MoEAE(mc)
+    opt = FusedAdam(model.parameters(), lr=1e-3, flat=flat)
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in model.parameters()]
+    times = []
+    for _ in range(steps):
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        t = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t)
+        opt.zero_grad()
+    return float(np.median(times))
+
+
+def sphere_pieces(n: int = 2000) -> list[tuple[object, np.ndarray]]:
+    from moeae import datasets as ds
+    from moeae.atlas import neighbour_graph
+
+    X, _ = ds.make_sphere(n, random_state=0)
+    pieces = []
+    for axis in range(3):
+        for sign in (1, -1):
+            P = X[sign * X[:, axis] > 0.1][:900]
+            pieces.append((neighbour_graph(P, 10, 2)[0], P))
+    return pieces[:4]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    from moeae import MoEAutoencoder
+    from moeae import datasets as ds
+    from moeae.atlas import geodesic_embedding, landmark_embedding
+
+    flat, per = [], []
+    for _ in range(args.repeats):
+        flat.append(adam_step_seconds(True))
+        per.append(adam_step_seconds(False))
+    f, p = np.median(flat), np.median(per)
+    print(f"Adam step, 4 charts: flat buffer {f * 1e6:.0f} us, a tensor per parameter "
+          f"{p * 1e6:.0f} us: ratio {f / p:.2f}")
+
+    pieces = sphere_pieces()
+    lm, ap_ = [], []
+    for _ in range(args.repeats):
+        for fn, out in ((lambda g, P: landmark_embedding(g, P, 3), lm),
+                        (lambda g, P: geodesic_embedding(g, 3), ap_)):
+            t = time.perf_counter()
+            for g, P in pieces:
+                fn(g, P)
+            out.append(time.perf_counter() - t)
+    a, b = np.median(lm), np.median(ap_)
+    sizes = "/".join(str(len(P)) for _, P in pieces)
+    print(f"chart coordinates, sphere pieces of {sizes} points: landmarks {a:.3f} s, "
+          f"all pairs {b:.3f} s: ratio {a / b:.2f}")
+
+    import moeae.training as training
+
+    print("\n| data | charts | fit s | atlas s | hard FVU |\n|---|---|---|---|---|")
+    MoEAutoencoder(n_experts=2, epochs=1, random_state=0).fit(
+        ds.make_circle(200, random_state=0)[0])  # imports and first-call costs
+    for name, E, k, n in [("circle", 2, 1, 1000), ("figure8", 2, 1, 1000), ("spiral", 4, 1, 1000),
+                          ("sphere", 4, 2, 2000), ("swiss_roll", 4, 2, 2000)]:
+        make = getattr(ds, f"make_{name}")
+        X, _ = make(n, random_state=1)
+        Xt = make(1000, grid=True)[0] if k == 1 else make(n, random_state=101)[0]
+        spent = []
+        inner = training.initial_atlas
+
+        def timed(*a, _inner=inner, _spent=spent, **kw):
+            t = time.perf_counter()
+            try:
+                return _inner(*a, **kw)
+            finally:
+                _spent.append(time.perf_counter() - t)
+        training.initial_atlas = timed  # the trainer's own reference: timed, then restored
+        try:
+            t = time.perf_counter()
+            est = MoEAutoencoder(n_experts=E, latent_dim=k, random_state=1).fit(X)
+            fit = time.perf_counter() - t
+        finally:
+            training.initial_atlas = inner
+        print(f"| {name} | {E} | {fit:.1f} | {sum(spent):.1f} | "
+              f"{est.reconstruction_error(Xt, 'hard'):.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
