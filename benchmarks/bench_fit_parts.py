@@ -1,18 +1,15 @@
-"""What a default fit spends its time on, and two measured savings, in one run.
+"""What a default fit spends its time on, and a measured saving, in one run.
 
     python benchmarks/bench_fit_parts.py [--repeats 5]
 
-1. The Adam step of a default model (4 charts, latent 2, 2000-point surface recipe), with its
-   parameters in one flat buffer (``FusedAdam(flat=True)``, the default) against a tensor per
-   parameter (``flat=False``): median seconds per step and the ratio.
-2. The starting charts' coordinates on four 600-900-point pieces of a sphere: landmark MDS
+1. The starting charts' coordinates on four 870-900-point pieces of a sphere: landmark MDS
    (``atlas.landmark_embedding``, 200 landmarks) against all-pairs shortest paths
-   (``atlas.geodesic_embedding``): seconds and the ratio.
-3. Whole default fits (one thread; 1000-point curves, 2000-point surfaces), seed 1: seconds
+   (``atlas.geodesic_embedding``): seconds and the ratio, the two alternated so the ratio
+   holds when the machine's speed drifts.
+2. Whole default fits (one thread; 1000-point curves, 2000-point surfaces), seed 1: seconds
    and hard FVU on held-out points, with the starting atlas's share.
 
-Times are wall clock on whatever else the machine is doing; parts 1 and 2 alternate the two
-variants, so their ratios hold even when the machine's speed drifts.
+Times are wall clock on whatever else the machine is doing.
 """
 
 from __future__ import annotations
@@ -22,27 +19,6 @@ import time
 
 import numpy as np
 import torch
-
-
-def adam_step_seconds(flat: bool, steps: int = 200) -> float:
-    from moeae.config import recipe
-    from moeae.model import MoEAE
-    from moeae.optim import FusedAdam
-
-    mc, _ = recipe("best", n_experts=4, latent_dim=2, n_features=3)
-    model = MoEAE(mc)
-    opt = FusedAdam(model.parameters(), lr=1e-3, flat=flat)
-    gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in model.parameters()]
-    times = []
-    for _ in range(steps):
-        for p, g in zip(model.parameters(), grads):
-            p.grad = g.clone()
-        t = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t)
-        opt.zero_grad()
-    return float(np.median(times))
 
 
 def sphere_pieces(n: int = 2000) -> list[tuple[object, np.ndarray]]:
@@ -66,14 +42,6 @@ def main() -> None:
     from moeae import MoEAutoencoder
     from moeae import datasets as ds
     from moeae.atlas import geodesic_embedding, landmark_embedding
-
-    flat, per = [], []
-    for _ in range(args.repeats):
-        flat.append(adam_step_seconds(True))
-        per.append(adam_step_seconds(False))
-    f, p = np.median(flat), np.median(per)
-    print(f"Adam step, 4 charts: flat buffer {f * 1e6:.0f} us, a tensor per parameter "
-          f"{p * 1e6:.0f} us: ratio {f / p:.2f}")
 
     pieces = sphere_pieces()
     lm, ap_ = [], []

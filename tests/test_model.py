@@ -182,36 +182,6 @@ def test_fused_adam_equals_torch_adam():
         assert again.lr == ours.lr and torch.equal(again.exp_avg[0], ours.exp_avg[0])
 
 
-def test_fused_adam_keeps_parameters_in_one_buffer():
-    """The parameters become views of one flat buffer (one fused update per step) and stay
-    the modules' own; a tensor without a gradient steps as a zero gradient would."""
-    from moeae.optim import FusedAdam
-
-    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    params = list(net.parameters())
-    before = [p.detach().clone() for p in params]
-    opt = FusedAdam(net.parameters(), lr=1e-2)
-    assert opt.flat is not None and opt.flat.numel() == sum(p.numel() for p in params)
-    assert all(p.untyped_storage().data_ptr() == opt.flat.untyped_storage().data_ptr()
-               for p in net.parameters())
-    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
-    ref = [torch.nn.Parameter(b.clone()) for b in before]
-    adam = torch.optim.Adam(ref, lr=1e-2)
-    for _ in range(3):
-        net(torch.ones(5, 3)).sum().backward()
-        for p, q in zip(params, ref):
-            q.grad = p.grad.clone()
-        params[-1].grad = None  # the last bias gets no gradient: zero for both
-        ref[-1].grad = torch.zeros_like(ref[-1])
-        opt.step()
-        adam.step()
-        opt.zero_grad()
-        assert all(p.grad is None for p in params)
-    for p, q in zip(params, ref):
-        np.testing.assert_allclose(p.detach(), q.detach(), atol=1e-6)
-    assert float(opt.state_dict()["state"][3]["step"]) == 3
-
-
 @pytest.mark.parametrize("name", ["seed", "best"])
 def test_training_lowers_the_loss_and_the_test_error(name):
     from moeae.datasets import make_circle

@@ -57,22 +57,9 @@ def save_checkpoint(path, *, model: dict[str, torch.Tensor], optimizer: dict | N
         tensors[f"rng.{k}"] = v
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v
-    seen: set[int] = set()
-    tensors = {k: _own(v.detach().cpu(), seen) for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     data = st_save(tensors, metadata={"moeae": json.dumps(header)})
     atomic_write_bytes(path, data)
-
-
-def _own(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
-    """``t`` in memory of its own: safetensors refuses tensors that share memory (the
-    optimizer keeps parameters and moments as views of flat buffers, and one step counter).
-    ``seen``: the memory of the tensors kept so far."""
-    storage = t.untyped_storage()
-    if (t.is_contiguous() and storage.nbytes() == t.numel() * t.element_size()
-            and storage.data_ptr() not in seen):
-        seen.add(storage.data_ptr())
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
 
 
 def load_checkpoint(path) -> dict[str, Any]:

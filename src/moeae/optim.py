@@ -22,35 +22,17 @@ class FusedAdam:
     """Adam (AdamW when ``weight_decay`` > 0) with ``torch.optim.Adam``'s state-dict layout.
 
     Set ``lr`` between steps to schedule the learning rate.
-
-    The parameters are moved into one flat buffer (each stays the same ``Parameter``, now a
-    view of it), so a step is one fused kernel over one tensor: with a separate tensor per
-    layer, the kernel's per-tensor work (its step counters, read back one by one) cost as
-    much as the update itself for the small networks here. The arithmetic is elementwise and
-    identical up to rounding (``flat=False``: a tensor per parameter, as before; parameters on
-    several devices or of several dtypes always keep their own tensors).
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, flat: bool = True):
+                 weight_decay: float = 0.0):
         self.params = list(params)
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
-        self.flat: torch.Tensor | None = None
-        if flat and self.params and len({(p.device, p.dtype) for p in self.params}) == 1:
-            self.flat = _flatten_(self.params)
-            self.flat_avg, self.flat_avg_sq = (torch.zeros_like(self.flat),
-                                               torch.zeros_like(self.flat))
-            self.exp_avg = _views(self.flat_avg, self.params)
-            self.exp_avg_sq = _views(self.flat_avg_sq, self.params)
-            # one step counter: every tensor steps together
-            self.steps = [torch.zeros((), dtype=torch.float32, device=self.flat.device)]
-        else:
-            self.exp_avg = [torch.zeros_like(p) for p in self.params]
-            self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-            # the fused kernels keep the step count as a float32 tensor beside each parameter
-            self.steps = [torch.zeros((), dtype=torch.float32, device=p.device)
-                          for p in self.params]
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        # the fused kernels keep the step count as a float32 tensor beside each parameter
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -58,31 +40,22 @@ class FusedAdam:
 
     @torch.no_grad()
     def step(self) -> None:
-        if self.flat is not None:
-            # a tensor without a gradient counts as a zero gradient, as a part of one stacked
-            # tensor that the loss does not reach (a switched-off expert's) always does
-            grads = torch.cat([p.grad.reshape(-1) if p.grad is not None else
-                               torch.zeros_like(p).reshape(-1) for p in self.params])
-            self._update([self.flat], [grads], [self.flat_avg], [self.flat_avg_sq], self.steps)
-            return
-        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
-        self._update([self.params[i] for i in idx], [self.params[i].grad for i in idx],
-                     [self.exp_avg[i] for i in idx], [self.exp_avg_sq[i] for i in idx],
-                     [self.steps[i] for i in idx])
-
-    def _update(self, params, grads, avg, avg_sq, steps) -> None:
+        idx, grads = [], []
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                idx.append(i)
+                grads.append(p.grad)
         fn = _adamw if self.weight_decay > 0 else _adam
-        fn(params, grads, avg, avg_sq, [], steps, foreach=False, fused=True, capturable=False,
+        fn([self.params[i] for i in idx], grads,
+           [self.exp_avg[i] for i in idx], [self.exp_avg_sq[i] for i in idx], [],
+           [self.steps[i] for i in idx], foreach=False, fused=True, capturable=False,
            differentiable=False, grad_scale=None, found_inf=None, has_complex=False,
            amsgrad=False, beta1=self.betas[0], beta2=self.betas[1], lr=self.lr,
            weight_decay=self.weight_decay, eps=self.eps, maximize=False)
 
-    def _step_of(self, i: int) -> torch.Tensor:
-        return self.steps[0 if self.flat is not None else i]
-
     def state_dict(self) -> dict:
-        state = {i: {"step": self._step_of(i), "exp_avg": m, "exp_avg_sq": v}
-                 for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq))}
+        state = {i: {"step": s, "exp_avg": m, "exp_avg_sq": v}
+                 for i, (s, m, v) in enumerate(zip(self.steps, self.exp_avg, self.exp_avg_sq))}
         group = {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
                  "weight_decay": self.weight_decay, "params": list(range(len(self.params)))}
         return {"state": state, "param_groups": [group]}
@@ -99,24 +72,10 @@ class FusedAdam:
                                      f", the parameter {tuple(self.params[i].shape)}")
                 self.exp_avg[i].copy_(st["exp_avg"])
                 self.exp_avg_sq[i].copy_(st["exp_avg_sq"])
-                self._step_of(i).copy_(torch.as_tensor(st["step"]))
+                self.steps[i].copy_(torch.as_tensor(st["step"]))
         group = sd["param_groups"][0]
         self.lr, self.betas = group["lr"], tuple(group["betas"])
         self.eps, self.weight_decay = group["eps"], group["weight_decay"]
-
-
-def _flatten_(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """Copy ``params`` into one new flat buffer and make each a view of it (in place: the
-    modules keep their ``Parameter`` objects). Returns the buffer."""
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    for p, view in zip(params, _views(flat, params)):
-        p.data = view
-    return flat
-
-
-def _views(flat: torch.Tensor, like: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    """``flat`` cut into tensors shaped as ``like``, in order."""
-    return [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in like]), like)]
 
 
 @contextlib.contextmanager
