@@ -132,12 +132,12 @@ def test_isometric_must_be_a_weight():
 @pytest.mark.slow
 @pytest.mark.parametrize("name,E", [
     pytest.param("circle", 2, marks=pytest.mark.xfail(
-        reason="regressed in session 5: worst-chart speed CV 0.064 (FVU 2.3e-5), was 0.048 "
-               "before the atlas's new cuts (0.113 without the experts' margin)")),
+        reason="regressed since session 4: worst-chart speed CV 0.092 (FVU 1.1e-5), was 0.048; "
+               "0.050 with isometry_points=64, docs/recipes.md")),
     pytest.param("figure8", 2, marks=pytest.mark.xfail(
-        reason="not met: worst-chart speed CV 0.078 (FVU 6.4e-5), was 0.168, docs/recipes.md")),
+        reason="not met: worst-chart speed CV 0.098 (FVU 1.5e-4), docs/recipes.md")),
     pytest.param("spiral", 4, marks=pytest.mark.xfail(
-        reason="not met: CV 0.42 and FVU 5.7e-4 at the spiral's centre, docs/recipes.md")),
+        reason="not met: CV 0.34 and FVU 1.9e-4 at the spiral's centre, docs/recipes.md")),
 ])
 def test_isometric_curves_keep_lengths(name, E):
     make = {"circle": ds.make_circle, "figure8": ds.make_figure8, "spiral": ds.make_spiral}
