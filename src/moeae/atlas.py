@@ -101,12 +101,12 @@ def _graph(rows, cols, lengths, n):
     return g.maximum(g.T)
 
 
-def geodesic_distances(graph) -> np.ndarray:
-    """All shortest-path lengths of ``graph`` (n, n); unreachable pairs get the largest finite
-    one."""
+def geodesic_distances(graph, indices=None) -> np.ndarray:
+    """Shortest-path lengths of ``graph`` from every node (n, n), or from ``indices`` only
+    (len(indices), n); unreachable pairs get the largest finite one."""
     from scipy.sparse.csgraph import shortest_path
 
-    D = shortest_path(graph, method="D", directed=False)
+    D = shortest_path(graph, method="D", directed=False, indices=indices)
     finite = np.isfinite(D)
     if not finite.all():
         D[~finite] = D[finite].max() if finite.any() else 0.0
@@ -154,8 +154,6 @@ def landmark_embedding(graph, X: np.ndarray, n_components: int,
     point by its distances to them. Exact for distances that are Euclidean in a flat space;
     a chart of 800 points costs a quarter of its all-pairs shortest paths. Returns
     (n, n_components) and the landmarks' eigenvalues (n_components,)."""
-    from scipy.sparse.csgraph import shortest_path
-
     n = len(X)
     if n <= landmarks:
         return geodesic_embedding(graph, n_components)
@@ -164,11 +162,7 @@ def landmark_embedding(graph, X: np.ndarray, n_components: int,
     for _ in range(landmarks - 1):
         picked.append(int(near.argmax()))
         near = np.minimum(near, ((X - X[picked[-1]]) ** 2).sum(1))
-    D = shortest_path(graph, method="D", directed=False, indices=picked)  # (L, n)
-    finite = np.isfinite(D)
-    if not finite.all():
-        D[~finite] = D[finite].max() if finite.any() else 0.0
-    S = D**2
+    S = geodesic_distances(graph, picked) ** 2  # (L, n)
     L = S[:, picked]  # (L, L) squared distances between landmarks
     Y, w = classical_mds(np.sqrt(L), n_components)
     m = int((w > 1e-12 * max(float(w[0]), 1e-300)).sum())  # directions with a scale
