@@ -59,8 +59,7 @@ def expert_errors(m: MoEAE, X: torch.Tensor, parallel: DataParallel | None = Non
 
 
 def one_piece(chart: torch.Tensor, err: torch.Tensor, knn: torch.Tensor,
-              gate: float = ISLAND_GATE, rounds: int = 50,
-              fixed: torch.Tensor | None = None) -> torch.Tensor:
+              gate: float = ISLAND_GATE, rounds: int = 50) -> torch.Tensor:
     """Each chart's points (M, n) kept in one piece of the neighbour graph ``knn`` (M, n, k).
 
     A chart's pieces are the connected components of its points, joined where one is among
@@ -69,15 +68,12 @@ def one_piece(chart: torch.Tensor, err: torch.Tensor, knn: torch.Tensor,
     their neighbours outside them belong to, when that chart's mean error there (``err``
     (M, n, E)) is within ``gate`` times their own chart's; else they stay. Smallest first and
     one at a time: an island inside an arc splits the arc in two, and the arc's smaller side
-    must not be taken for an island as well. At most ``rounds`` moves per model. A piece with
-    a ``fixed`` point (M, n) stays: near a self-crossing, where the router cannot separate the
-    branches, pieces of both charts are expected (``learn_routed``)."""
+    must not be taken for an island as well. At most ``rounds`` moves per model."""
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import connected_components
 
     nb, e = knn.cpu().numpy(), err.cpu().numpy()
     lab = chart.cpu().numpy().copy()
-    keep = np.zeros(lab.shape, bool) if fixed is None else fixed.cpu().numpy()
     M, n, k = nb.shape
     rows = np.repeat(np.arange(n), k)
     for m in range(M):
@@ -102,7 +98,7 @@ def one_piece(chart: torch.Tensor, err: torch.Tensor, knn: torch.Tensor,
                 c = owner[p]
                 around = lab[m][nb[m][pts].ravel()]
                 around = around[around != c]
-                if len(around) and not keep[m, pts].any():
+                if len(around):
                     to = int(np.bincount(around).argmax())
                     if e[m, pts, to].mean() <= gate * e[m, pts, c].mean():
                         lab[m][pts] = to
@@ -148,16 +144,10 @@ def routing_targets(m: MoEAE, X: torch.Tensor, knn: torch.Tensor, cfg: TrainConf
         return r.gather(1, idx).view(M, n, k, E).mean(2)
 
     labels = averaged(min(cfg.relabel_neighbors, knn.shape[-1]))
-    near_crossing = None
-    if clean is not None:  # a point the atlas found ambiguous among a point's nearest
-        k = knn.shape[-1]
-        crossing = (clean == 0).to(r.dtype).gather(1, knn.reshape(M, n * k))
-        near_crossing = crossing.view(M, n, k).amax(-1) > 0  # (M, n)
     if cfg.relabel_hard:  # winner takes the point: overlaps shrink, ties resolve
         chart = labels.argmax(-1)  # (M, n)
         if cfg.relabel_one_piece:
-            chart = one_piece(chart, err, knn[..., :min(ISLAND_NEIGHBOURS, knn.shape[-1])],
-                              fixed=near_crossing)
+            chart = one_piece(chart, err, knn[..., :min(ISLAND_NEIGHBOURS, knn.shape[-1])])
         labels = torch.nn.functional.one_hot(chart, E).to(r.dtype)
     if cfg.expert_overlap <= 0:
         return labels, None
@@ -166,7 +156,10 @@ def routing_targets(m: MoEAE, X: torch.Tensor, knn: torch.Tensor, cfg: TrainConf
     if clean is not None:
         near = near & (clean[..., None] > 0)
     weights = torch.maximum(labels, averaged(knn.shape[-1]) * near)
-    if cfg.learn_routed and near_crossing is not None:  # where the router sends, there
+    if cfg.learn_routed and clean is not None:  # near self-crossings: where the router sends
+        k = knn.shape[-1]  # near: a crossing's point among the expert_overlap nearest
+        crossing = (clean == 0).to(r.dtype).gather(1, knn.reshape(M, n * k))
+        near_crossing = crossing.view(M, n, k).amax(-1) > 0  # (M, n)
         routed = torch.cat([m.route(X[:, i:i + CHUNK * 8]) for i in range(0, n, CHUNK * 8)], 1)
         onehot = torch.nn.functional.one_hot(routed, E).to(r.dtype)
         weights = torch.maximum(weights, onehot * near_crossing[..., None])
