@@ -76,28 +76,3 @@ def test_targets_labels_margin_gate_and_routed_points():
     assert (routed > plain).any()  # the untrained router disagrees with the targets there
     _, unknown = routing_targets(m, X, knn3, cfg, tau=1e-6)  # crossings unknown: as before
     assert torch.equal(unknown, weights)
-
-
-def test_one_piece_moves_islands_to_the_chart_around_them():
-    from moeae.targets import ISLAND_GATE, one_piece
-
-    n = 30
-    i = torch.arange(n)
-    knn = torch.stack([i, (i + 1) % n, (i - 1) % n], -1)[None]  # a closed curve
-    chart = torch.zeros(1, n, dtype=torch.long)
-    chart[0, 15:] = 1
-    chart[0, 5:8] = 1  # an island of chart 1 splits chart 0's arc: 0-4 and 8-14
-    chart[0, 20:22] = 2  # chart 2's only piece stays; it splits chart 1: 15-19 and 22-29
-    err = torch.ones(1, n, 3)
-    out = one_piece(chart, err, knn)
-    expected = chart.clone()
-    expected[0, 5:8] = 0  # the smallest piece moves first: then chart 0 is one arc again
-    expected[0, 15:20] = 0  # chart 1's smaller side: neighbours 0 (one side) and 2 (other)
-    expected[0, 20:22] = 2
-    assert torch.equal(out, expected), out
-    err[0, 5:8, 0] = 2 * ISLAND_GATE  # chart 0 cannot reconstruct the island: it stays;
-    err[0, 15:20, 0] = 2 * ISLAND_GATE  # chart 1's smaller side goes to no one (its majority
-    out = one_piece(chart, err, knn)  # neighbour, chart 0, cannot take it), and chart 0's
-    expected = chart.clone()  # smaller side, between chart 1's pieces, joins chart 1
-    expected[0, 0:5] = 1
-    assert torch.equal(out, expected), out

@@ -65,8 +65,6 @@ class TrainConfig:
     latent_init: float = 0.0  #: warm-start pull of each chart's z towards geodesic coordinates
     relabel_neighbors: int = 0  #: > 0: per-epoch targets averaged over this many neighbours
     relabel_hard: bool = False  #: per-epoch targets one-hot (the argmax of the average)
-    relabel_one_piece: bool = False  #: with relabel_hard: a chart's islands in the neighbour
-    #:                                  graph go to the chart around them (moeae.targets)
     expert_overlap: int = 0  #: > 0: each expert also learns the points near its chart: weight
     #:                          the share of a point's this many neighbours that are its
     learn_routed: bool = False  #: with expert_overlap: near self-crossings each expert also
@@ -100,8 +98,7 @@ def _best_recipe() -> tuple[ModelConfig, TrainConfig]:
         epochs=100, min_steps=1000, batch_size=64, lr=3e-3, schedule="cosine", warmup_epochs=1,
         router_loss_weight=0.0, routing="responsibility", tau_start=0.1, tau_end=1e-3,
         chart_init=True, warm_start_epochs=20, init_overlap=0.3, latent_init=1.0,
-        relabel_neighbors=10, relabel_hard=True, relabel_one_piece=True, expert_overlap=30,
-        learn_routed=True,
+        relabel_neighbors=10, relabel_hard=True, expert_overlap=30, learn_routed=True,
         standardize=True,
     )
     return model, train

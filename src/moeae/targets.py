@@ -10,26 +10,19 @@ turned into many one-point fragments. With ``relabel_hard`` the winner takes the
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .config import TrainConfig
 from .data_parallel import DataParallel
 from .model import MoEAE
 
-__all__ = ["routing_targets", "one_piece", "OVERLAP_GATE", "ISLAND_GATE", "ISLAND_NEIGHBOURS"]
+__all__ = ["routing_targets", "OVERLAP_GATE"]
 
 # Points per forward pass: all experts of a population stay cache-sized (as training.EVAL_CHUNK)
 CHUNK = 128
 # An expert learns a neighbour of its chart (expert_overlap) only where its error is within this
 # factor of the mean error of every point's own expert.
 OVERLAP_GATE = 100.0
-# An island of a chart moves to the chart around it only where that chart's error is within this
-# factor of its own (a piece that only its own expert fits stays).
-ISLAND_GATE = 10.0
-# A chart's pieces are joined through each point's this many nearest: along the curve (10 reached
-# across the spiral's turns, so an island there looked joined to its chart's main piece).
-ISLAND_NEIGHBOURS = 4
 
 
 @torch.no_grad()
@@ -56,58 +49,6 @@ def expert_errors(m: MoEAE, X: torch.Tensor, parallel: DataParallel | None = Non
     if parallel is not None:
         parallel.sum_(err)  # each point's errors from the rank that computed them
     return err.masked_fill(~valid, float("inf"))
-
-
-def one_piece(chart: torch.Tensor, err: torch.Tensor, knn: torch.Tensor,
-              gate: float = ISLAND_GATE, rounds: int = 50) -> torch.Tensor:
-    """Each chart's points (M, n) kept in one piece of the neighbour graph ``knn`` (M, n, k).
-
-    A chart's pieces are the connected components of its points, joined where one is among
-    the other's nearest. Its pieces other than the largest (*islands*: where two experts fit
-    about equally, their argmin flips back and forth) go, smallest first, to the chart most of
-    their neighbours outside them belong to, when that chart's mean error there (``err``
-    (M, n, E)) is within ``gate`` times their own chart's; else they stay. Smallest first and
-    one at a time: an island inside an arc splits the arc in two, and the arc's smaller side
-    must not be taken for an island as well. At most ``rounds`` moves per model."""
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    nb, e = knn.cpu().numpy(), err.cpu().numpy()
-    lab = chart.cpu().numpy().copy()
-    M, n, k = nb.shape
-    rows = np.repeat(np.arange(n), k)
-    for m in range(M):
-        cols, stuck = nb[m].ravel(), set()
-        for _ in range(rounds):
-            same = lab[m][rows] == lab[m][cols]
-            graph = csr_matrix((np.ones(int(same.sum())), (rows[same], cols[same])),
-                               shape=(n, n))
-            count, piece = connected_components(graph, directed=False)
-            size = np.bincount(piece, minlength=count)
-            owner = np.zeros(count, dtype=np.int64)
-            owner[piece] = lab[m]  # every point of a piece has its chart
-            first = np.full(count, n)
-            np.minimum.at(first, piece, np.arange(n))  # a piece's name: its first point
-            largest = {c: np.flatnonzero(owner == c)[size[owner == c].argmax()]
-                       for c in np.unique(owner)}
-            islands = [p for p in np.argsort(size, kind="stable")
-                       if p != largest[owner[p]] and (owner[p], first[p]) not in stuck]
-            moved = False
-            for p in islands:
-                pts = np.flatnonzero(piece == p)
-                c = owner[p]
-                around = lab[m][nb[m][pts].ravel()]
-                around = around[around != c]
-                if len(around):
-                    to = int(np.bincount(around).argmax())
-                    if e[m, pts, to].mean() <= gate * e[m, pts, c].mean():
-                        lab[m][pts] = to
-                        moved = True
-                        break
-                stuck.add((c, first[p]))
-            if not moved:
-                break
-    return torch.as_tensor(lab, device=chart.device)
 
 
 @torch.no_grad()
@@ -145,10 +86,7 @@ def routing_targets(m: MoEAE, X: torch.Tensor, knn: torch.Tensor, cfg: TrainConf
 
     labels = averaged(min(cfg.relabel_neighbors, knn.shape[-1]))
     if cfg.relabel_hard:  # winner takes the point: overlaps shrink, ties resolve
-        chart = labels.argmax(-1)  # (M, n)
-        if cfg.relabel_one_piece:
-            chart = one_piece(chart, err, knn[..., :min(ISLAND_NEIGHBOURS, knn.shape[-1])])
-        labels = torch.nn.functional.one_hot(chart, E).to(r.dtype)
+        labels = torch.nn.functional.one_hot(labels.argmax(-1), E).to(r.dtype)
     if cfg.expert_overlap <= 0:
         return labels, None
     own = err.min(-1).values.mean(1)[:, None, None]  # (M, 1, 1)
