@@ -174,11 +174,12 @@ class Trainer:
             if self.cfg.latent_init > 0:
                 coords = [np.pad(c, ((0, 0), (0, E - c.shape[1]), (0, 0)),
                                  constant_values=np.nan) for _, c in starts]
-                rows = np.flatnonzero(~np.isnan(np.stack(coords)).all((0, 2, 3)))  # atlas points
-                start = np.zeros(np.stack(coords).shape)
+                stacked = np.stack(coords)  # (M, n, E, k)
+                rows = np.flatnonzero(~np.isnan(stacked).all((0, 2, 3)))  # the atlas's points
+                start = np.zeros(stacked.shape)
                 start[:, rows] = self._latents(Xa[:, rows])
-                coords = [align_coordinates(c, z) for c, z in zip(coords, start)]
-                self.coords = torch.as_tensor(np.stack(coords), dtype=dtype,
+                aligned = [align_coordinates(c, z) for c, z in zip(stacked, start)]
+                self.coords = torch.as_tensor(np.stack(aligned), dtype=dtype,
                                               device=self.device)
         if self.relabels and W == data.n:  # else neighbours of each epoch's working set
             self.knn = self.neighbours(Xa)
