@@ -47,10 +47,13 @@ class DataParallel:
         r, R = self.ctx.rank, self.ctx.world_size
         return slice(n * r // R, n * (r + 1) // R)
 
-    def shard(self, idx: torch.Tensor) -> torch.Tensor:
-        """This rank's columns of a global batch's indices (M, b); remembers ``b``."""
-        self.global_batch = idx.shape[1]
-        return idx[:, self.part(idx.shape[1])]
+    def batch(self, rows: slice, n: int) -> slice:
+        """This rank's part of a global batch, the positions ``rows`` of ``n``; remembers the
+        global batch's size."""
+        lo, hi = rows.start, min(rows.stop, n)
+        self.global_batch = hi - lo
+        mine = self.part(hi - lo)
+        return slice(lo + mine.start, lo + mine.stop)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over the ranks, differentiably."""

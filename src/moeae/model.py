@@ -24,7 +24,8 @@ __all__ = ["MoEAE", "MoEOutput"]
 
 
 class MoEOutput(NamedTuple):
-    x_hat: torch.Tensor  # (M, B, d) soft reconstruction: sum_e p_e * decoder_e(encoder_e(x))
+    x_hat: torch.Tensor | None  # (M, B, d) soft reconstruction: sum_e p_e decoder_e(encoder_e(x))
+    #                              (None from ``forward(..., mix=False)``)
     expert_outputs: torch.Tensor  # (G, B, d) each expert's reconstruction
     latents: torch.Tensor  # (G, B, k) each expert's chart coordinates
     logits: torch.Tensor  # (M, B, E) router logits, -inf where model m has no expert e
@@ -96,10 +97,13 @@ class MoEAE(nn.Module):
                 self.decoder.reset_group_(g, gen)
             g0 += count
 
-    def forward(self, x: torch.Tensor, dropout: DropoutMasks | None = None) -> MoEOutput:
+    def forward(self, x: torch.Tensor, dropout: DropoutMasks | None = None,
+                mix: bool = True) -> MoEOutput:
         """x: (M, B, d) in data units -> :class:`MoEOutput` (reconstructions in data units).
 
         ``dropout`` (training only) draws each model's masks from that model's own stream.
+        ``mix=False`` leaves out the soft reconstruction ``x_hat`` (what the responsibility
+        objective does not use).
         """
         u = (x - self.shift) / self.scale  # (M, B, d)
         masks: Sequence[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * 3
@@ -112,6 +116,8 @@ class MoEAE(nn.Module):
         z = self.encoder(ug, masks[1])  # (G, B, k)
         vg = self.decoder(z, masks[2])  # (G, B, d)
         y = vg * self.scale[self.expert_model] + self.shift[self.expert_model]  # (G, B, d)
+        if not mix:
+            return MoEOutput(None, y, z, logits, probs)
         p = probs[self.expert_model, :, self.expert_slot]  # (G, B)
         x_hat = torch.zeros_like(x).index_add_(0, self.expert_model, p[..., None] * y)  # (M,B,d)
         return MoEOutput(x_hat, y, z, logits, probs)
@@ -147,8 +153,12 @@ class MoEAE(nn.Module):
         return one.train(self.training)
 
     def padded(self, grouped: torch.Tensor) -> torch.Tensor:
-        """(G, B, ...) -> (M, E, B, ...), zeros where a model has fewer experts."""
+        """(G, B, ...) -> (M, E, B, ...), zeros where a model has fewer experts (outside
+        autograd, a view when every model has ``E``; inside, always a copy: gradients through
+        a view reach the expert in another memory layout, which rounds their sums differently)."""
         M, E = self.expert_valid.shape
+        if M * E == grouped.shape[0] and not grouped.requires_grad:
+            return grouped.reshape((M, E) + tuple(grouped.shape[1:]))
         out = grouped.new_zeros((M, E) + tuple(grouped.shape[1:]))
         out[self.expert_model, self.expert_slot] = grouped
         return out

@@ -2,8 +2,11 @@
 
 ``torch.optim.Optimizer.__init__`` imports ``torch._dynamo`` on first use (measured here:
 1.3-1.8 s per process, as long as the whole seed study's training on a GPU-less laptop takes
-to get going). The functional ``torch.optim.adam.adam`` / ``adamw.adamw`` run the same fused
-kernel without that import, so this class only keeps the state and calls them.
+to get going). This class keeps the state and calls the fused kernel (``torch._fused_adam_``,
+what ``torch.optim.Adam(fused=True)`` runs) directly. The step counts of all parameters are
+views of one tensor, so a step advances them in one operation: PyTorch's functional wrapper
+adds 1 to each count separately and groups the tensors by device first, which cost 140 us
+of a 330 us step here (30 parameter tensors of a 2-chart model).
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
-from torch.optim.adam import adam as _adam
-from torch.optim.adamw import adamw as _adamw
 
 __all__ = ["FusedAdam", "flush_denormals"]
 
@@ -31,8 +32,17 @@ class FusedAdam:
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        # the fused kernels keep the step count as a float32 tensor beside each parameter
-        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
+        # the fused kernels keep the step count as a float32 tensor beside each parameter: here
+        # views of one tensor per device, so one add advances every count
+        self._counts: dict[torch.device, torch.Tensor] = {}
+        where: list[tuple[torch.device, int]] = []
+        for p in self.params:
+            n = sum(1 for dev, _ in where if dev == p.device)
+            where.append((p.device, n))
+        for dev in {dev for dev, _ in where}:
+            self._counts[dev] = torch.zeros(sum(1 for d, _ in where if d == dev),
+                                            dtype=torch.float32, device=dev)
+        self.steps = [self._counts[dev][i] for dev, i in where]
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -40,18 +50,25 @@ class FusedAdam:
 
     @torch.no_grad()
     def step(self) -> None:
-        idx, grads = [], []
-        for i, p in enumerate(self.params):
-            if p.grad is not None:
-                idx.append(i)
-                grads.append(p.grad)
-        fn = _adamw if self.weight_decay > 0 else _adam
-        fn([self.params[i] for i in idx], grads,
-           [self.exp_avg[i] for i in idx], [self.exp_avg_sq[i] for i in idx], [],
-           [self.steps[i] for i in idx], foreach=False, fused=True, capturable=False,
-           differentiable=False, grad_scale=None, found_inf=None, has_complex=False,
-           amsgrad=False, beta1=self.betas[0], beta2=self.betas[1], lr=self.lr,
-           weight_decay=self.weight_decay, eps=self.eps, maximize=False)
+        if all(p.grad is not None for p in self.params):  # the usual case: every count moves
+            for counts in self._counts.values():
+                counts.add_(1)
+            idx = range(len(self.params))
+        else:
+            idx = [i for i, p in enumerate(self.params) if p.grad is not None]
+            for i in idx:
+                self.steps[i].add_(1)
+        # one kernel call per device; AdamW (decoupled weight decay) when weight_decay > 0
+        fn = torch._fused_adamw_ if self.weight_decay > 0 else torch._fused_adam_
+        for dev in self._counts:
+            mine = [i for i in idx if self.params[i].device == dev]
+            if not mine:
+                continue
+            fn([self.params[i] for i in mine], [self.params[i].grad for i in mine],
+               [self.exp_avg[i] for i in mine], [self.exp_avg_sq[i] for i in mine], [],
+               [self.steps[i] for i in mine], amsgrad=False, lr=self.lr,
+               beta1=self.betas[0], beta2=self.betas[1], weight_decay=self.weight_decay,
+               eps=self.eps, maximize=False, grad_scale=None, found_inf=None)
 
     def state_dict(self) -> dict:
         state = {i: {"step": s, "exp_avg": m, "exp_avg_sq": v}

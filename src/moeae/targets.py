@@ -98,6 +98,8 @@ def routing_targets(m: MoEAE, X: torch.Tensor, knn: torch.Tensor, cfg: TrainConf
         k = knn.shape[-1]  # near: a crossing's point among the expert_overlap nearest
         crossing = (clean == 0).to(r.dtype).gather(1, knn.reshape(M, n * k))
         near_crossing = crossing.view(M, n, k).amax(-1) > 0  # (M, n)
+        if not bool(near_crossing.any()):  # a curve without crossings: nothing to add
+            return labels, weights
         routed = torch.cat([m.route(X[:, i:i + CHUNK * 8]) for i in range(0, n, CHUNK * 8)], 1)
         onehot = torch.nn.functional.one_hot(routed, E).to(r.dtype)
         weights = torch.maximum(weights, onehot * near_crossing[..., None])

@@ -235,7 +235,8 @@ class Trainer:
              warm: bool, coords: torch.Tensor | None = None,
              weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Per-model loss (M,) of a batch x (M, B, d) and its terms (:mod:`moeae.objectives`)."""
-        out = self.forward_model(x, self.dropout if self.model.training else None)
+        out = self.forward_model(x, self.dropout if self.model.training else None,
+                                 mix=self.cfg.routing == "soft")
         return self.objective(self.model, out, x, labels, progress, warm, coords, weights)
 
     def _clip_(self) -> None:
@@ -322,51 +323,58 @@ class Trainer:
                total: int) -> None:
         """One pass over this epoch's working set."""
         cfg, m, st = self.cfg, self.model, self.state
-        M, d = m.n_models, data.d
+        M, d, B = m.n_models, data.d, cfg.batch_size
         m.train()
         Xe, perm, warm = self._epoch_data(data, epoch, epoch / max(1, epochs))
-        running = torch.zeros(M, device=self.device)
-        # the first step of this epoch whose loss was not finite, per model (0: none); kept
-        # on the device and read once per epoch, so steps never wait for the host
-        first_bad = torch.zeros(M, dtype=torch.long, device=self.device)
+        # the epoch's points and targets in the order of its steps, gathered once: a step
+        # takes a slice
+        order = perm[..., None]  # (M, w, 1)
+        Xs = Xe.gather(1, order.expand(-1, -1, d))  # (M, w, d)
+        Ls = None if self.labels is None or not warm else self.labels.gather(
+            1, order.expand(-1, -1, self.labels.shape[-1]))  # (M, w, E)
+        Ws = None
+        if self.expert_weights is not None and warm and epoch >= cfg.warm_start_epochs:
+            Ws = self.expert_weights.gather(1, order.expand(-1, -1,
+                                                            self.expert_weights.shape[-1]))
+        Cs = None
+        if self.coords is not None and epoch < cfg.warm_start_epochs:
+            E, k = self.coords.shape[2:]
+            Cs = self.coords.gather(1, order[..., None].expand(-1, -1, E, k))  # (M, w, E, k)
+        # each step's loss per model, kept on the device and read once per epoch, so steps
+        # never wait for the host
+        losses = torch.zeros(steps_per_epoch, M, device=self.device)
         for s in range(steps_per_epoch):
-            idx = perm[:, s * cfg.batch_size:(s + 1) * cfg.batch_size]  # (M, b)
+            part = slice(s * B, (s + 1) * B)
             if self.parallel is not None:
-                idx = self.parallel.shard(idx)  # this rank's part of the batch
-            xb = Xe.gather(1, idx[..., None].expand(-1, -1, d))  # (M, b, d)
+                part = self.parallel.batch(part, Xs.shape[1])  # this rank's part of the batch
+            xb = Xs[:, part]  # (M, b, d)
             if cfg.input_noise > 0:  # each model's noise from its own stream
                 noise = torch.cat([torch.randn((1,) + xb.shape[1:], generator=g,
                                                device=self.device)
                                    for g in self.dropout_gens])
                 xb = xb + cfg.input_noise * m.scale * noise
-            lb = None if self.labels is None or not warm else self.labels.gather(
-                1, idx[..., None].expand(-1, -1, self.labels.shape[-1]))  # (M, b, E)
-            wb = None
-            if self.expert_weights is not None and warm and epoch >= cfg.warm_start_epochs:
-                wb = self.expert_weights.gather(
-                    1, idx[..., None].expand(-1, -1, self.expert_weights.shape[-1]))
-            cb = None
-            if self.coords is not None and epoch < cfg.warm_start_epochs:
-                E, k = self.coords.shape[2:]
-                cb = self.coords.gather(1, idx[..., None, None].expand(-1, -1, E, k))
+            lb = None if Ls is None else Ls[:, part]  # (M, b, E)
+            wb = None if Ws is None else Ws[:, part]
+            cb = None if Cs is None else Cs[:, part]  # (M, b, E, k)
             self.optimizer.lr = cfg.lr * self.lr_factor(st.step, total, steps_per_epoch)
             loss, _ = self.loss(xb, lb, st.step / max(1, total), warm, cb, wb)
-            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), s + 1,
-                                    first_bad)
             self.optimizer.zero_grad()
             loss.sum().backward()  # models are independent: d(sum)/d(theta_m) = dL_m/d(theta_m)
             if cfg.grad_clip:
                 self._clip_()
             self.optimizer.step()
-            running += loss.detach()
+            losses[s] = loss.detach()
             st.step += 1
+        # the first step of this epoch whose loss was not finite, per model (0: none)
+        bad = ~torch.isfinite(losses)  # (steps, M)
+        first_bad = torch.where(bad.any(0), bad.to(torch.uint8).argmax(0) + 1, 0)
         if self.parallel is not None:
             self.ctx.all_reduce_(first_bad, "max")  # every rank stops together
         if bool((first_bad > 0).any()):
-            bad = torch.nonzero(first_bad).flatten().tolist()
-            raise DivergenceError(epoch + 1, int(first_bad[first_bad > 0].min()), bad)
+            bad_models = torch.nonzero(first_bad).flatten().tolist()
+            raise DivergenceError(epoch + 1, int(first_bad[first_bad > 0].min()), bad_models)
         st.epoch = epoch + 1
-        st.history.append((running / steps_per_epoch).tolist())
+        st.history.append((losses.sum(0) / steps_per_epoch).tolist())
 
     def best_member(self, data, limit: int = 10_000) -> int:
         """The model of the population whose hard reconstruction of the training data (all of
