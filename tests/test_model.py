@@ -79,7 +79,7 @@ def test_encode_decode_is_the_hard_reconstruction():
     chart, z = model.encode(x)
     x_dec = model.decode(chart, z)
     out = model(x)
-    chart2, x_hard = model.hard(out)
+    chart2, x_hard = model.hard(out, x)
     assert torch.equal(chart, chart2)
     np.testing.assert_allclose(x_dec, x_hard, atol=1e-6)
     # and it is the chosen expert's own output
@@ -156,6 +156,85 @@ def test_config_validation_messages():
     with pytest.raises(TypeError, match="unknown setting 'colour'"):
         recipe("seed", colour=1)
     assert TrainConfig().routing == "soft"
+
+
+def _router_picks_expert_0(model):
+    """Route every point to expert 0 and move expert 0's reconstructions 100 away."""
+    with torch.no_grad():
+        last = model.router.linears()[-1]
+        last.weight.zero_()
+        last.bias[0, 0] = torch.tensor([50.0, -50.0])
+        model.decoder.linears()[-1].bias[0] += 100.0
+
+
+def test_router_chart_is_checked_where_it_cannot_reconstruct():
+    model = MoEAE(ModelConfig(width=16, depth=2, n_experts=2)).eval()
+    model.reset_parameters([0])
+    _router_picks_expert_0(model)
+    x = torch.randn(1, 30, 2)
+    out = model(x)
+    y = model.padded(out.expert_outputs)
+    assert (model.charts(out, x) == 0).all()  # fallback 0: the router's chart
+    model.fallback.fill_(1.0)  # expert 0's squared error (~2e4) is above it, expert 1's not
+    chart, x_hard = model.hard(out, x)
+    assert (chart == 1).all()
+    assert torch.equal(x_hard[0], y[0, 1])
+    assert torch.equal(model.encode(x)[0], chart)
+    model.fallback.fill_(1e5)  # above expert 0's error: the router's chart stands
+    assert (model.charts(out, x) == 0).all()
+    model.fallback.fill_(1.0)
+    with torch.no_grad():  # expert 1 as bad, but not 10x better: the router's chart stands
+        model.decoder.linears()[-1].bias[1] += 90.0
+    assert (model.charts(model(x), x) == 0).all()
+    model.active[0, 1] = False  # a switched-off expert never takes a point
+    assert (model.charts(model(x), x) == 0).all()
+
+
+def test_set_fallback_is_the_gate_times_the_99th_percentile():
+    model = MoEAE(ModelConfig(width=16, depth=2, n_experts=3), [3, 3]).eval()
+    model.reset_parameters([0, 1])
+    x = torch.randn(2, 500, 2)
+    model.set_fallback(x, 10.0)
+    out = model(x)
+    y = model.padded(out.expert_outputs).detach().numpy()  # (M, E, n, d)
+    chart = out.probs.argmax(-1).numpy()  # the router's own choice
+    for m in range(2):
+        own = ((y[m, chart[m], np.arange(500)] - x[m].numpy()) ** 2).sum(-1)
+        np.testing.assert_allclose(float(model.fallback[m]), 10 * np.quantile(own, 0.99),
+                                   rtol=1e-5)
+    one = model.select(1)
+    assert torch.equal(one.fallback, model.fallback[1:])
+    model.set_fallback(x, 0.0)
+    assert (model.fallback == 0).all()
+
+
+def test_state_saved_before_the_fallback_loads_with_the_router_alone():
+    model = MoEAE(ModelConfig(width=16, depth=2, n_experts=2))
+    model.reset_parameters([0])
+    sd = model.state_dict()
+    del sd["fallback"]
+    again = MoEAE(ModelConfig(width=16, depth=2, n_experts=2))
+    again.fallback.fill_(3.0)
+    again.load_state_dict(sd)
+    assert (again.fallback == 0).all()
+
+
+def test_fused_adam_skips_parameters_without_gradients():
+    from moeae.optim import FusedAdam
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    ours, ref = FusedAdam(a, lr=1e-2), torch.optim.Adam(b, lr=1e-2)
+    for step in range(4):
+        for i, (p, q) in enumerate(zip(a, b)):
+            g = None if (i == 1 and step in (1, 2)) else torch.randn_like(p)
+            p.grad, q.grad = (None, None) if g is None else (g.clone(), g.clone())
+        ours.step()
+        ref.step()
+    for p, q in zip(a, b):
+        np.testing.assert_allclose(p.detach(), q.detach(), atol=1e-6)
+    assert [float(s) for s in ours.steps] == [4.0, 2.0]
 
 
 def test_fused_adam_equals_torch_adam():

@@ -76,3 +76,28 @@ def test_targets_labels_margin_gate_and_routed_points():
     assert (routed > plain).any()  # the untrained router disagrees with the targets there
     _, unknown = routing_targets(m, X, knn3, cfg, tau=1e-6)  # crossings unknown: as before
     assert torch.equal(unknown, weights)
+
+
+def test_training_with_the_best_recipe_sets_the_fallback_and_the_seed_recipe_not():
+    import numpy as np
+
+    from moeae.config import recipe
+    from moeae.training import Trainer
+
+    X = points(200)
+    for name, expect_on in (("best", True), ("seed", False)):
+        mc, tc = recipe(name, n_features=2, latent_dim=1, n_experts=2, epochs=2)
+        trainer = Trainer(MoEAE(mc, [2]), tc, [0])
+        trainer.initialize(X)
+        trainer.fit(X, 2)
+        m = trainer.model.eval()
+        if not expect_on:
+            assert float(m.fallback[0]) == 0.0
+            continue
+        with torch.no_grad():
+            out = m(X)
+        y = m.padded(out.expert_outputs)[0].numpy()  # (E, n, d)
+        chart = out.probs[0].argmax(-1).numpy()  # the router's own chart
+        own = ((y[chart, np.arange(200)] - X[0].numpy()) ** 2).sum(-1)
+        np.testing.assert_allclose(float(m.fallback[0]),
+                                   tc.fallback_gate * np.quantile(own, 0.99), rtol=1e-5)

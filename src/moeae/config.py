@@ -70,6 +70,10 @@ class TrainConfig:
     learn_routed: bool = False  #: with expert_overlap: near self-crossings each expert also
     #:                             learns the points its router sends it (once per epoch), so
     #:                             a point routed to the other branch's chart is reconstructed
+    fallback_gate: float = 0.0  #: > 0: after training, a point whose router-chosen chart
+    #:                              reconstructs it worse than this many times the 99th
+    #:                              percentile of the training points' error goes to an
+    #:                              expert that does 10x better (MoEAE.charts); 0: off
     standardize: bool = False  #: centre inputs and divide by one overall scale
     input_noise: float = 0.0  #: Gaussian noise on (standardized) training inputs
     isometry: float = 0.0  #: weight of the isometry term: decoders keep lengths up to one scale
@@ -99,7 +103,7 @@ def _best_recipe() -> tuple[ModelConfig, TrainConfig]:
         router_loss_weight=0.0, routing="responsibility", tau_start=0.1, tau_end=1e-3,
         chart_init=True, warm_start_epochs=20, init_overlap=0.3, latent_init=1.0,
         relabel_neighbors=10, relabel_hard=True, expert_overlap=30, learn_routed=True,
-        standardize=True,
+        fallback_gate=10.0, standardize=True,
     )
     return model, train
 

@@ -20,7 +20,11 @@ from torch import nn
 from .config import ModelConfig
 from .layers import DropoutMasks, DropoutSites, StackedMLP
 
-__all__ = ["MoEAE", "MoEOutput"]
+__all__ = ["MoEAE", "MoEOutput", "FALLBACK_MARGIN"]
+
+#: How many times better another expert must reconstruct a point for it to take the point
+#: from the router's chart (:meth:`MoEAE.charts`).
+FALLBACK_MARGIN = 10.0
 
 
 class MoEOutput(NamedTuple):
@@ -51,6 +55,7 @@ class MoEAE(nn.Module):
     shift: torch.Tensor  # (M, 1, d) input centre
     scale: torch.Tensor  # (M, 1, 1) input scale
     active: torch.Tensor  # (M, E) experts the router may pick
+    fallback: torch.Tensor  # (M,) error above which the router's chart is checked (0: never)
 
     def __init__(self, cfg: ModelConfig, experts_per_model: Sequence[int] | None = None):
         super().__init__()
@@ -78,6 +83,9 @@ class MoEAE(nn.Module):
         self.register_buffer("shift", torch.zeros(M, 1, d))
         self.register_buffer("scale", torch.ones(M, 1, 1))
         self.register_buffer("active", valid.clone())  # (M, E) experts the router may pick
+        # Squared reconstruction distance (data units) above which the router's chart is
+        # checked against the others (0: never); set after training (MoEAE.set_fallback).
+        self.register_buffer("fallback", torch.zeros(M))
 
     @property
     def n_models(self) -> int:
@@ -133,6 +141,14 @@ class MoEAE(nn.Module):
                 DropoutSites(self.counts, c.depth, c.width, [k] * M if out else None, k),
                 DropoutSites(self.counts, c.depth, c.width, [d] * M if out else None, d)]
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "fallback"
+        if key not in state_dict:  # saved before the fallback existed: the router alone
+            state_dict[key] = torch.zeros_like(self.fallback)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
     @torch.no_grad()
     def select(self, m: int) -> MoEAE:
         """Model ``m`` of the population as a population of one (weights copied)."""
@@ -150,6 +166,7 @@ class MoEAE(nn.Module):
         one.shift.copy_(self.shift[m:m + 1])
         one.scale.copy_(self.scale[m:m + 1])
         one.active.copy_(self.active[m:m + 1, :E])
+        one.fallback.copy_(self.fallback[m:m + 1])
         return one.train(self.training)
 
     def padded(self, grouped: torch.Tensor) -> torch.Tensor:
@@ -177,10 +194,53 @@ class MoEAE(nn.Module):
         return logits.masked_fill(~self.active[:, None, :], float("-inf")).argmax(-1)
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Atlas codes: x (M, B, d) -> chart (M, B) long, z (M, B, k) of that chart."""
-        out = self.forward(x)
+    def charts(self, out: MoEOutput, x: torch.Tensor) -> torch.Tensor:
+        """Each point's chart (M, B) from a forward pass ``out`` on x (M, B, d): the router's,
+        unless that chart's expert reconstructs the point worse than ``fallback`` (squared
+        distance; 0: never) and another active expert does at least
+        :data:`FALLBACK_MARGIN` times better; then that expert's.
+
+        The router cannot tell two branches of a curve apart where they cross, and may send
+        a few points there to a chart that does not hold them (figure-8, seed 12: squared
+        error 0.95 at 0.02 from the crossing); every expert has already decoded the point,
+        so the one that reconstructs it takes it."""
         chart = out.probs.argmax(-1)  # (M, B)
+        if not bool((self.fallback > 0).any()):
+            return chart
+        err = ((self.padded(out.expert_outputs) - x[:, None]) ** 2).sum(-1)  # (M, E, B)
+        err = err.masked_fill(~self.active[:, :, None], float("inf"))
+        own = err.gather(1, chart[:, None]).squeeze(1)  # (M, B)
+        best, which = err.min(1)  # (M, B)
+        limit = self.fallback[:, None]
+        switch = (limit > 0) & (own > limit) & (best * FALLBACK_MARGIN < own)
+        return torch.where(switch, which, chart)
+
+    @torch.no_grad()
+    def set_fallback(self, x: torch.Tensor, gate: float, chunk: int = 1024) -> None:
+        """``fallback`` := ``gate`` x the 99th percentile, per model, of the squared distance
+        at which the router's chart reconstructs the points x (M, n, d) (its training data);
+        ``gate`` <= 0: the router alone decides (``fallback`` 0)."""
+        self.fallback.zero_()
+        if gate <= 0:
+            return
+        was = self.training
+        self.eval()
+        own = []
+        for i in range(0, x.shape[1], chunk):
+            xb = x[:, i:i + chunk]
+            out = self.forward(xb, mix=False)
+            _, y = self.hard(out)  # the router's chart
+            own.append(((y - xb) ** 2).sum(-1))
+        self.train(was)
+        q = torch.quantile(torch.cat(own, 1).double(), 0.99, dim=1)
+        self.fallback.copy_(gate * q)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Atlas codes: x (M, B, d) -> chart (M, B) long (:meth:`charts`), z (M, B, k) of
+        that chart."""
+        out = self.forward(x)
+        chart = self.charts(out, x)  # (M, B)
         z = self.padded(out.latents)  # (M, E, B, k)
         z = z.gather(1, chart[:, None, :, None].expand(-1, 1, -1, z.shape[-1]))[:, 0]
         return chart, z
@@ -195,9 +255,11 @@ class MoEAE(nn.Module):
         return y.gather(1, idx)[:, 0]  # (M, B, d)
 
     @torch.no_grad()
-    def hard(self, out: MoEOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """From a forward pass: chart (M, B) and hard reconstruction (M, B, d)."""
-        chart = out.probs.argmax(-1)  # (M, B)
+    def hard(self, out: MoEOutput, x: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """From a forward pass on x (M, B, d): chart (M, B) (:meth:`charts`; without x, the
+        router's) and hard reconstruction (M, B, d)."""
+        chart = out.probs.argmax(-1) if x is None else self.charts(out, x)  # (M, B)
         y = self.padded(out.expert_outputs)  # (M, E, B, d)
         idx = chart[:, None, :, None].expand(-1, 1, -1, y.shape[-1])
         return chart, y.gather(1, idx)[:, 0]

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
-__all__ = ["FusedAdam", "flush_denormals"]
+if TYPE_CHECKING:
+    from .model import MoEAE
+
+__all__ = ["FusedAdam", "clip_per_model_", "flush_denormals"]
 
 
 class FusedAdam:
@@ -93,6 +97,25 @@ class FusedAdam:
         group = sd["param_groups"][0]
         self.lr, self.betas = group["lr"], tuple(group["betas"])
         self.eps, self.weight_decay = group["eps"], group["weight_decay"]
+
+
+@torch.no_grad()
+def clip_per_model_(m: MoEAE, max_norm: float) -> None:
+    """Clip the global gradient norm of each model of the population ``m`` to ``max_norm``,
+    each model separately (models stay independent)."""
+    # Router weights have one group per model; encoder/decoder weights one per expert.
+    groups = [(list(m.router.parameters()), None),
+              (list(m.encoder.parameters()) + list(m.decoder.parameters()), m.expert_model)]
+    owned = [(p.grad, owner) for params, owner in groups for p in params
+             if p.grad is not None]
+    sq = torch.zeros(m.n_models, device=m.shift.device)
+    for grad, owner in owned:
+        per_group = grad.pow(2).flatten(1).sum(1)  # (groups,)
+        sq = sq + per_group if owner is None else sq.index_add(0, owner, per_group)
+    factor = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # (M,)
+    for grad, owner in owned:
+        f = factor if owner is None else factor[owner]
+        grad.mul_(f.view(-1, *([1] * (grad.dim() - 1))))
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ from .layers import DropoutMasks
 from .model import MoEAE
 from .neighbors import kneighbors
 from .objectives import LossTerms, Objective
-from .optim import FusedAdam, flush_denormals
+from .optim import FusedAdam, clip_per_model_, flush_denormals
 from .targets import routing_targets
 from .working_set import TrainingData, draw_indices
 
@@ -239,24 +239,6 @@ class Trainer:
                                  mix=self.cfg.routing == "soft")
         return self.objective(self.model, out, x, labels, progress, warm, coords, weights)
 
-    def _clip_(self) -> None:
-        """Clip each model's global gradient norm separately (models stay independent)."""
-        m = self.model
-        # Router weights have one group per model; encoder/decoder weights one per expert.
-        groups = [(list(m.router.parameters()), None),
-                  (list(m.encoder.parameters()) + list(m.decoder.parameters()), m.expert_model)]
-        owned = [(p.grad, owner) for params, owner in groups for p in params
-                 if p.grad is not None]
-        sq = torch.zeros(m.n_models, device=self.device)
-        for grad, owner in owned:
-            per_group = grad.pow(2).flatten(1).sum(1)  # (groups,)
-            sq = sq + per_group if owner is None else sq.index_add(0, owner, per_group)
-        clip = float(self.cfg.grad_clip or 0.0)
-        factor = (clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # (M,)
-        for grad, owner in owned:
-            f = factor if owner is None else factor[owner]
-            grad.mul_(f.view(-1, *([1] * (grad.dim() - 1))))
-
     # -- the loop ---------------------------------------------------------------------------
     def planned_steps(self, n: int, epochs: int) -> int:
         """Optimizer steps of ``epochs`` epochs on ``n`` points: bounded by the working set."""
@@ -313,11 +295,22 @@ class Trainer:
             if bar is not None:
                 bar.set_postfix(loss=f"{float(np.mean(st.history[-1])):.3g}")
                 bar.update(1)
+            if epoch + 1 == epochs and cfg.fallback_gate > 0:  # before the last checkpoint:
+                # where the router's chart is checked (MoEAE.charts)
+                self.model.set_fallback(data.gather(self._rows(data)), cfg.fallback_gate)
             if on_epoch_end is not None:
                 on_epoch_end(self)
         if bar is not None:
             bar.close()
         return st
+
+    def _rows(self, data: TrainingData, limit: int = 10_000) -> np.ndarray:
+        """Each model's rows of the training data that judge it: all, or a fixed sample of
+        ``limit`` (M, n')."""
+        n = data.n
+        idx = np.arange(n) if n <= limit else np.sort(
+            np.random.default_rng(self.seeds[0]).choice(n, limit, replace=False))
+        return np.tile(idx, (self.model.n_models, 1))
 
     def _epoch(self, data: TrainingData, epoch: int, epochs: int, steps_per_epoch: int,
                total: int) -> None:
@@ -361,7 +354,7 @@ class Trainer:
             self.optimizer.zero_grad()
             loss.sum().backward()  # models are independent: d(sum)/d(theta_m) = dL_m/d(theta_m)
             if cfg.grad_clip:
-                self._clip_()
+                clip_per_model_(m, float(cfg.grad_clip))
             self.optimizer.step()
             losses[s] = loss.detach()
             st.step += 1
@@ -383,10 +376,7 @@ class Trainer:
         data = self.data(data)
         if self.model.n_models == 1:
             return 0
-        n = data.n
-        idx = np.arange(n) if n <= limit else np.sort(
-            np.random.default_rng(self.seeds[0]).choice(n, limit, replace=False))
-        ev = evaluate(self.model, data.gather(np.tile(idx, (self.model.n_models, 1))))
+        ev = evaluate(self.model, data.gather(self._rows(data, limit)))
         return int(((ev["x_hard"] - ev["inputs"]) ** 2).sum(-1).mean(-1).argmin())
 
     def keep_member(self, m: int) -> Trainer:
@@ -491,7 +481,7 @@ def evaluate(model: MoEAE, X: torch.Tensor, chunk: int = EVAL_CHUNK) -> dict[str
     for i in range(0, X.shape[1], chunk):
         xb = X[:, i:i + chunk].to(device)
         out = model(xb)
-        chart, x_hard = model.hard(out)
+        chart, x_hard = model.hard(out, xb)
         parts.append({
             "x_soft": out.x_hat, "x_hard": x_hard, "chart": chart,
             "probs": out.probs.nan_to_num(0.0),
