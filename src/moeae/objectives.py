@@ -94,6 +94,8 @@ class Objective:
         valid = m.active
         bmean = self.batch_mean
         if self.cfg.routing == "soft":
+            if out.x_hat is None:
+                raise ValueError("the soft objective needs the soft mix (forward with mix=True)")
             if self.parallel is None:
                 rec = LossTerms.reconstruction(out.x_hat, x, m.scale)
             else:

@@ -54,10 +54,11 @@ class FusedAdam:
 
     @torch.no_grad()
     def step(self) -> None:
+        idx: list[int]
         if all(p.grad is not None for p in self.params):  # the usual case: every count moves
             for counts in self._counts.values():
                 counts.add_(1)
-            idx = range(len(self.params))
+            idx = list(range(len(self.params)))
         else:
             idx = [i for i, p in enumerate(self.params) if p.grad is not None]
             for i in idx:
@@ -68,7 +69,8 @@ class FusedAdam:
             mine = [i for i in idx if self.params[i].device == dev]
             if not mine:
                 continue
-            fn([self.params[i] for i in mine], [self.params[i].grad for i in mine],
+            grads = [g for g in (self.params[i].grad for i in mine) if g is not None]
+            fn([self.params[i] for i in mine], grads,
                [self.exp_avg[i] for i in mine], [self.exp_avg_sq[i] for i in mine], [],
                [self.steps[i] for i in mine], amsgrad=False, lr=self.lr,
                beta1=self.betas[0], beta2=self.betas[1], weight_decay=self.weight_decay,
