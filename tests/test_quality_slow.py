@@ -67,6 +67,19 @@ def test_untuned_curve_with_crossings():
     assert est.reconstruction_error(X_te, "hard") <= 5e-4
 
 
+@pytest.mark.xfail(reason="known gap (session 7): n_experts='auto' takes one chart for the S-curve "
+                          "(fold 3.6, flat 1.2); one SiLU chart tears at the S's middle, hard FVU "
+                          "1.1e-3 to 2.8e-3 on seeds 0-2 (ReLU charts 3.5e-5, 2 charts 2.9e-5)",
+                   strict=False)
+def test_untuned_s_curve_with_its_own_chart_count():
+    from sklearn.datasets import make_s_curve
+
+    X, _ = make_s_curve(2000, random_state=0)
+    X_te, _ = make_s_curve(2000, random_state=100)
+    est = MoEAutoencoder(n_experts="auto", latent_dim=2, random_state=0).fit(X)
+    assert est.reconstruction_error(X_te, "hard") <= 1e-3
+
+
 def test_curve_in_10d_with_noise_recovers_the_clean_curve():
     X, _ = ds.make_circle(1000, random_state=0)
     X_te, _ = ds.make_circle(1000, grid=True)
