@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -38,15 +38,15 @@ class FusedAdam:
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         # the fused kernels keep the step count as a float32 tensor beside each parameter: here
         # views of one tensor per device, so one add advances every count
-        self._counts: dict[torch.device, torch.Tensor] = {}
-        where: list[tuple[torch.device, int]] = []
-        for p in self.params:
-            n = sum(1 for dev, _ in where if dev == p.device)
-            where.append((p.device, n))
-        for dev in {dev for dev, _ in where}:
-            self._counts[dev] = torch.zeros(sum(1 for d, _ in where if d == dev),
-                                            dtype=torch.float32, device=dev)
-        self.steps = [self._counts[dev][i] for dev, i in where]
+        self._on: dict[torch.device, list[int]] = {}  # each device's parameters
+        for i, p in enumerate(self.params):
+            self._on.setdefault(p.device, []).append(i)
+        self._counts = {dev: torch.zeros(len(mine), dtype=torch.float32, device=dev)
+                        for dev, mine in self._on.items()}
+        self.steps: list[torch.Tensor] = [torch.empty(())] * len(self.params)
+        for dev, mine in self._on.items():
+            for j, i in enumerate(mine):
+                self.steps[i] = self._counts[dev][j]
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -54,22 +54,20 @@ class FusedAdam:
 
     @torch.no_grad()
     def step(self) -> None:
-        idx: list[int]
-        if all(p.grad is not None for p in self.params):  # the usual case: every count moves
-            for counts in self._counts.values():
-                counts.add_(1)
-            idx = list(range(len(self.params)))
-        else:
-            idx = [i for i, p in enumerate(self.params) if p.grad is not None]
-            for i in idx:
-                self.steps[i].add_(1)
+        every = all(p.grad is not None for p in self.params)  # the usual case
         # one kernel call per device; AdamW (decoupled weight decay) when weight_decay > 0
         fn = torch._fused_adamw_ if self.weight_decay > 0 else torch._fused_adam_
-        for dev in self._counts:
-            mine = [i for i in idx if self.params[i].device == dev]
+        for dev, on in self._on.items():
+            if every:
+                self._counts[dev].add_(1)  # every count moves in one operation
+                mine = on
+            else:
+                mine = [i for i in on if self.params[i].grad is not None]
+                for i in mine:
+                    self.steps[i].add_(1)
             if not mine:
                 continue
-            grads = [g for g in (self.params[i].grad for i in mine) if g is not None]
+            grads = [cast(torch.Tensor, self.params[i].grad) for i in mine]
             fn([self.params[i] for i in mine], grads,
                [self.exp_avg[i] for i in mine], [self.exp_avg_sq[i] for i in mine], [],
                [self.steps[i] for i in mine], amsgrad=False, lr=self.lr,
