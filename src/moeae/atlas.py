@@ -27,7 +27,9 @@ import numpy as np
 
 __all__ = ["neighbour_graph", "geodesic_embedding", "landmark_embedding", "align_coordinates",
            "initial_atlas", "choose_charts", "auto_charts", "clean_points", "fold_ratios",
-           "worst_fold", "geodesic_distances", "classical_mds"]
+           "worst_fold", "geodesic_distances", "classical_mds", "MAX_CHARTS"]
+
+MAX_CHARTS = 16  # the most charts n_experts="auto" gives
 
 
 def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: float = 0.2,
@@ -382,7 +384,7 @@ def initial_atlas(X: np.ndarray, n_charts: int, latent_dim: int, seed: int,
 
 
 @_one_thread
-def choose_charts(X: np.ndarray, latent_dim: int, seed: int = 0, max_charts: int = 16,
+def choose_charts(X: np.ndarray, latent_dim: int, seed: int = 0, max_charts: int = MAX_CHARTS,
                   max_fold: float = 4.5, max_flat: float = 2.5, max_points: int = 2000,
                   candidates: int = 24, cache: dict | None = None) -> tuple[int, list[dict]]:
     """The fewest charts that cover the data without strain: ``(n_charts, tried)``.

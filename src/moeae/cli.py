@@ -141,17 +141,46 @@ def cmd_train(args) -> int:
                 print(f"--experts auto: {st['model']['n_experts']} charts (fold "
                       f"{tried[-1]['fold']:.2f}, flat {tried[-1]['flat']:.2f})"
                       if tried else "--experts auto: 1 chart")
-        mc, tc = recipe(st["recipe"], seed=st["seed"], **st["model"], **st["train"])
-        check_trainable(X, st["data"], n_charts=mc.n_experts)  # named as given
-        tr = train_run(st["out"], X, mc, tc, X_test=X_te, t_test=t_te, closed=closed,
-                       data_info=info, force=args.force, progress=show_progress(args),
-                       ctx=ctx, prune=auto)
+        def fit_with(c: int):
+            mc, tc = recipe(st["recipe"], seed=st["seed"], **{**st["model"], "n_experts": c},
+                            **st["train"])
+            check_trainable(X, st["data"], n_charts=mc.n_experts)  # named as given
+            tr = train_run(st["out"], X, mc, tc, X_test=X_te, t_test=t_te, closed=closed,
+                           data_info=info, force=args.force or c != first,
+                           progress=show_progress(args), ctx=ctx, prune=auto)
+            return tr, (_tear(tr.model, X, st["seed"], ctx) if auto else 1.0)
+
+        first = st["model"]["n_experts"]
+        if auto:  # a chart that tears in training: one chart more (moeae.tears)
+            from .atlas import MAX_CHARTS
+            from .tears import untorn
+
+            tr, fits = untorn(fit_with, first, MAX_CHARTS)
+            if ctx.is_main and len(fits) > 1:
+                print("--experts auto: " + ", ".join(
+                    f"{f['n_charts']} chart(s) tore (jump {f['tear']:.1f})" for f in fits[:-1])
+                    + f": trained {fits[-1]['n_charts']}")
+        else:
+            tr, _ = fit_with(first)
         if ctx.is_main:
             ranks = f" on {ctx.world_size} ranks" if ctx.active else ""
             print(f"trained {st['out']}{ranks}: {tr.state.epoch} epochs, {tr.state.step} steps")
         return 0
     finally:
         shutdown()
+
+
+def _tear(model, X, seed: int, ctx) -> float:
+    """:func:`moeae.tears.tear_ratio` on a seeded sample of at most 2000 training points;
+    rank 0's value on every rank."""
+    import numpy as np
+
+    from .tears import tear_ratio
+
+    idx = np.arange(len(X)) if len(X) <= 2000 else np.sort(
+        np.random.default_rng(seed).choice(len(X), 2000, replace=False))
+    ratio = tear_ratio(model, np.asarray(X[idx]))
+    return float(ctx.all_gather_object(ratio)[0]) if ctx.active else ratio
 
 
 def cmd_sweep(args) -> int:

@@ -7,6 +7,7 @@ reconstruction of the representation.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_array
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .atlas import MAX_CHARTS
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import (
     ModelConfig,
@@ -28,6 +30,7 @@ from .config import (
 from .data import SCAN_ROWS, check_trainable
 from .model import MoEAE
 from .run import as_population, check_configs, decode, encode, switch_off_unused
+from .tears import tear_ratio, untorn
 from .training import Trainer, evaluate, resolve_device
 from .working_set import release_pages
 
@@ -46,8 +49,9 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         Number of experts (charts). ``"auto"``: the fewest charts into which the data's
         neighbour graph cuts without strain (:func:`moeae.atlas.choose_charts`: every chart lies
         flat in ``latent_dim`` coordinates and holds no points close in space but far apart
-        along the manifold);
-        charts the router never picks after training are then switched off.
+        along the manifold); charts the router never picks after training are then switched
+        off. Where a trained chart tears (neighbouring points whose reconstructions jump apart,
+        :mod:`moeae.tears`), the fit is repeated with one chart more, at most twice.
     latent_dim : int, default=1
         Coordinates per chart; must be smaller than the number of features.
     recipe : {"best", "seed"}, default="best"
@@ -94,7 +98,8 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         Charts in use: those the router picks for some training point.
     chart_choice_ : list of dict
         With ``n_experts="auto"``: per chart count tried, its worst ``fold`` and ``flat``
-        ratios (:func:`moeae.atlas.choose_charts`); else empty.
+        ratios (:func:`moeae.atlas.choose_charts`), then per fit its ``n_charts`` and ``tear``
+        ratio (:func:`moeae.tears.jump_ratio`; the last fit is the one kept); else empty.
     """
 
     def __init__(self, *, n_experts=4, latent_dim=1, recipe="best", epochs=None,
@@ -165,8 +170,6 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
 
             mc.n_experts, self.chart_choice_ = auto_charts(X, mc.latent_dim, tc.seed,
                                                            tc.working_set, atlas_cache)
-        # identical points, no variance in float32, fewer distinct points than charts
-        check_trainable(X, str(getattr(X, "filename", None) or "X"), n_charts=mc.n_experts)
         if isinstance(self.n_init, str) and self.n_init == "auto":
             k = tc.n_init
         elif isinstance(self.n_init, bool) or not isinstance(self.n_init, (int, np.integer)) \
@@ -174,6 +177,29 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
             raise ValueError(f"n_init must be an int >= 1 or 'auto', got {self.n_init!r}")
         else:
             k = tc.n_init = int(self.n_init)
+        ref = np.arange(n) if n <= REFERENCE_MAX else np.sort(
+            np.random.default_rng(tc.seed).choice(n, REFERENCE_MAX, replace=False))
+        X_ref = np.asarray(X[ref], dtype=np.float64)
+        if not isinstance(self.n_experts, str):
+            self._fit_once(X, X_ref, mc, tc, k, atlas_cache, prune=False)
+            return self
+
+        def fit_with(c: int) -> tuple[None, float]:
+            self._fit_once(X, X_ref, dataclasses.replace(mc, n_experts=c),
+                           dataclasses.replace(tc), k, atlas_cache, prune=True)
+            return None, tear_ratio(self.model_, X_ref)
+
+        # a chart that tears in training: one chart more (moeae.tears)
+        _, fits = untorn(fit_with, mc.n_experts, MAX_CHARTS)
+        self.chart_choice_ = self.chart_choice_ + fits
+        return self
+
+    def _fit_once(self, X, X_ref, mc: ModelConfig, tc: TrainConfig, k: int,
+                  atlas_cache: dict, prune: bool) -> None:
+        """Train ``k`` starts of ``mc.n_experts`` charts and keep the best (fitted
+        attributes set); ``prune``: switch off the charts the router never picks."""
+        # identical points, no variance in float32, fewer distinct points than charts
+        check_trainable(X, str(getattr(X, "filename", None) or "X"), n_charts=mc.n_experts)
         # n_init starts (seeds seed, seed+1, ...) train as one population, as KMeans's n_init;
         # the one whose hard reconstruction of the training data is best is kept
         trainer = Trainer(MoEAE(mc, [mc.n_experts] * k), tc, [tc.seed + i for i in range(k)],
@@ -190,13 +216,10 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         self.model_config_, self.train_config_ = mc, tc
         self.train_config_.seed = tc.seed + best  # the start that was kept
         self.history_ = [h[best] for h in trainer.state.history]
-        ref = np.arange(n) if n <= REFERENCE_MAX else np.sort(
-            np.random.default_rng(tc.seed).choice(n, REFERENCE_MAX, replace=False))
-        self.codes_ = encode(self.model_, np.asarray(X[ref], dtype=np.float64))
-        if isinstance(self.n_experts, str) and switch_off_unused(self.model_, X) < mc.n_experts:
-            self.codes_ = encode(self.model_, np.asarray(X[ref], dtype=np.float64))
+        if prune:
+            switch_off_unused(self.model_, X)
+        self.codes_ = encode(self.model_, X_ref)
         self.n_charts_ = int(self.model_.active[0].sum())
-        return self
 
     def _input(self, X, reset: bool):
         """X checked: an array as scikit-learn validates it (float64), or a ``.npy`` path or

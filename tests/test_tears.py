@@ -1,0 +1,140 @@
+"""A trained chart that tears (moeae.tears): the measure and the refit with one chart more."""
+
+import numpy as np
+import pytest
+
+from moeae.tears import TEAR_LIMIT, jump_ratio, untorn
+
+
+def _line(n=200):
+    t = np.linspace(0.0, 1.0, n)
+    return np.stack([t, np.zeros(n)], 1)
+
+
+def test_a_perfect_reconstruction_does_not_tear():
+    X = _line()
+    assert jump_ratio(X, np.zeros(len(X)), X.copy()) == pytest.approx(1.0)
+
+
+def test_a_jump_inside_a_chart_is_its_size_over_the_neighbour_distance():
+    X = _line(201)
+    X_hat = X.copy()
+    X_hat[X[:, 0] > 0.5, 1] += 1.0  # the chart's second half reconstructed 1 away
+    step = 1.0 / 200
+    # the widest neighbour pair across the cut: 10 steps apart in x, 1 apart in y after
+    widest = max(np.hypot(k * step, 1.0) / (k * step) for k in range(1, 11))
+    assert jump_ratio(X, np.zeros(len(X)), X_hat) == pytest.approx(widest)
+    assert widest > 10 * TEAR_LIMIT
+
+
+def test_a_jump_between_two_charts_is_not_a_tear():
+    X = _line(201)
+    X_hat = X.copy()
+    cut = X[:, 0] > 0.5
+    X_hat[cut, 1] += 1.0
+    assert jump_ratio(X, cut.astype(int), X_hat) == pytest.approx(1.0)
+
+
+def _brute_force(X, charts, X_hat, k=10):
+    D = np.sqrt(((X[:, None] - X[None]) ** 2).sum(-1))
+    np.fill_diagonal(D, np.inf)
+    nbr = np.argsort(D, axis=1, kind="stable")[:, :k]
+    d = np.take_along_axis(D, nbr, 1)
+    floor = np.median(d) / 4
+    best = 1.0 if not (charts[:, None] == charts[nbr]).any() else 0.0
+    for i in range(len(X)):
+        for j, dij in zip(nbr[i], d[i]):
+            if charts[i] == charts[j]:
+                best = max(best, np.linalg.norm(X_hat[i] - X_hat[j]) / max(dij, floor))
+    return best
+
+
+def test_the_ratio_equals_a_brute_force_computation():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((150, 3))
+    X_hat = X + 0.3 * rng.standard_normal(X.shape)
+    charts = rng.integers(0, 3, len(X))
+    assert jump_ratio(X, charts, X_hat) == pytest.approx(_brute_force(X, charts, X_hat))
+
+
+def test_near_duplicate_points_are_measured_against_a_quarter_of_the_median_distance():
+    X = np.concatenate([_line(101), [[0.5 + 1e-9, 0.0]]])
+    X_hat = X.copy()
+    X_hat[-1, 1] = 0.001  # 1e-9 away in X, 0.001 apart in X_hat
+    r = jump_ratio(X, np.zeros(len(X)), X_hat)
+    assert r == pytest.approx(_brute_force(X, np.zeros(len(X)), X_hat))
+    assert r < 1.01  # the line's own pairs; 0.001 / 1e-9 without the floor
+
+
+@pytest.mark.parametrize("ratios, max_charts, expect", [
+    ([1.5], 16, [2]),                      # no tear: one fit
+    ([9.0, 2.0], 16, [2, 3]),              # torn, then one chart more holds
+    ([9.0, 8.0, 7.0, 6.0], 16, [2, 3, 4]),  # at most two refits
+    ([9.0, 8.0], 3, [2, 3]),               # never beyond max_charts
+])
+def test_a_torn_fit_is_refitted_with_one_chart_more(ratios, max_charts, expect):
+    calls = []
+
+    def fit(c):
+        calls.append(c)
+        return f"model with {c}", ratios[len(calls) - 1]
+
+    result, log = untorn(fit, 2, max_charts)
+    assert calls == expect and result == f"model with {expect[-1]}"
+    assert log == [{"n_charts": c, "tear": r} for c, r in zip(expect, ratios)]
+
+
+def _tears_once(monkeypatch, module):
+    """The first fit's chart tears (ratio 9), the refit's does not (1.2)."""
+    seen = []
+
+    def ratio(model, X, n_neighbors=10):
+        seen.append(int(model.counts[0]))
+        return 9.0 if len(seen) == 1 else 1.2
+
+    monkeypatch.setattr(module, "tear_ratio", ratio)
+    return seen
+
+
+def test_the_estimator_refits_a_torn_automatic_atlas_with_one_chart_more(monkeypatch):
+    import moeae.estimator
+    from moeae import MoEAutoencoder, datasets
+
+    seen = _tears_once(monkeypatch, moeae.estimator)
+    X, _ = datasets.make_circle(300, random_state=0)
+    est = MoEAutoencoder(n_experts="auto", epochs=2, width=16, depth=2, random_state=0).fit(X)
+    assert seen == [2, 3]  # the chosen count, then one more
+    assert est.model_config_.n_experts == 3 and est.model_.counts[0] == 3
+    assert est.chart_choice_[-2:] == [{"n_charts": 2, "tear": 9.0}, {"n_charts": 3, "tear": 1.2}]
+    assert est.chart_choice_[1]["n_charts"] == 2 and "fold" in est.chart_choice_[1]
+    assert est.codes_[:, 0].max() < 3 and len(est.history_) == 2
+
+
+def test_a_fixed_chart_count_is_never_refitted(monkeypatch):
+    import moeae.estimator
+    from moeae import MoEAutoencoder, datasets
+
+    seen = _tears_once(monkeypatch, moeae.estimator)
+    X, _ = datasets.make_circle(300, random_state=0)
+    est = MoEAutoencoder(n_experts=2, epochs=1, width=16, depth=2, random_state=0).fit(X)
+    assert seen == [] and est.chart_choice_ == [] and est.model_config_.n_experts == 2
+
+
+def test_the_command_line_refits_a_torn_automatic_atlas_the_same_way(tmp_path, monkeypatch,
+                                                                     capsys):
+    import json
+
+    import moeae.tears
+    from moeae.cli import main
+    from moeae.run import load_model
+
+    seen = _tears_once(monkeypatch, moeae.tears)
+    out = tmp_path / "run"
+    assert main(["train", "--data", "circle", "--experts", "auto", "--n-samples", "300",
+                 "--epochs", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert seen == [2, 3]
+    assert "--experts auto: 2 chart(s) tore (jump 9.0): trained 3" in printed
+    assert json.loads((out / "config.json").read_text())["model"]["n_experts"] == 3
+    model, _ = load_model(out)
+    assert model.counts[0] == 3
