@@ -386,7 +386,8 @@ def initial_atlas(X: np.ndarray, n_charts: int, latent_dim: int, seed: int,
 @_one_thread
 def choose_charts(X: np.ndarray, latent_dim: int, seed: int = 0, max_charts: int = MAX_CHARTS,
                   max_fold: float = 4.5, max_flat: float = 2.5, max_points: int = 2000,
-                  candidates: int = 24, cache: dict | None = None) -> tuple[int, list[dict]]:
+                  candidates: int = 24, cache: dict | None = None,
+                  noise_slack: float = 1.3) -> tuple[int, list[dict]]:
     """The fewest charts that cover the data without strain: ``(n_charts, tried)``.
 
     For 1, 2, ... charts, the starting atlas's pieces (``_partition``) are checked:
@@ -399,9 +400,13 @@ def choose_charts(X: np.ndarray, latent_dim: int, seed: int = 0, max_charts: int
       geodesic distances within a factor ``max_flat`` (a whole circle in one coordinate
       scores ~80, a sphere in two ~11, a Moebius band in two 4.4 and in three pieces 1.6).
 
-    The first count that passes both is returned, else ``max_charts``. ``tried`` lists, per
-    count, ``n_charts`` and its worst ``fold`` and ``flat`` ratios. Costs one neighbour graph
-    and its geodesic distances, then about one starting atlas per count tried."""
+    The first count that passes both is returned. Where none does (noise: a unit circle with
+    noise 0.05 scores 3.0-3.6 at every count from 2 to 16, so it took 16 charts, 6 of them
+    used, and reconstructed clean points 3.7x worse than with 2), the first count that passes
+    *fold* with *flat* within ``noise_slack`` times the lowest *flat* of any count; else
+    ``max_charts``. ``tried`` lists, per count, ``n_charts`` and its worst ``fold`` and
+    ``flat`` ratios. Costs one neighbour graph and its geodesic distances, then about one
+    starting atlas per count tried."""
     n = len(X)
     k = latent_dim
     rng = np.random.default_rng(seed)
@@ -431,7 +436,11 @@ def choose_charts(X: np.ndarray, latent_dim: int, seed: int = 0, max_charts: int
         tried.append({"n_charts": c, "fold": fold, "flat": flat})
         if fold <= max_fold and flat <= max_flat:
             return c, tried
-    return max_charts, tried
+    # no count lies flat: noise thickens every piece (or the data are no latent_dim-manifold);
+    # the flattest any count gets is then the floor, and the fewest charts near it are kept
+    floor = noise_slack * min(t["flat"] for t in tried)
+    return next((t["n_charts"] for t in tried if t["fold"] <= max_fold and t["flat"] <= floor),
+                max_charts), tried
 
 
 def clean_points(X: np.ndarray, latent_dim: int, cache: dict | None = None) -> np.ndarray:
