@@ -138,9 +138,11 @@ def cmd_train(args) -> int:
             st["model"]["n_experts"], tried = auto_charts(X, st["model"]["latent_dim"],
                                                           st["seed"], tc0.working_set)
             if ctx.is_main:
-                print(f"--experts auto: {st['model']['n_experts']} charts (fold "
-                      f"{tried[-1]['fold']:.2f}, flat {tried[-1]['flat']:.2f})"
-                      if tried else "--experts auto: 1 chart")
+                n = st["model"]["n_experts"]
+                at = tried[n - 1] if len(tried) >= n else None  # its fold and flat ratios
+                print(f"--experts auto: {n} chart{'s' * (n > 1)}" + (
+                    f" (fold {at['fold']:.2f}, flat {at['flat']:.2f})" if at else ""))
+
         def fit_with(c: int):
             mc, tc = recipe(st["recipe"], seed=st["seed"], **{**st["model"], "n_experts": c},
                             **st["train"])
