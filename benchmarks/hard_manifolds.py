@@ -5,12 +5,12 @@
 Coils whose turns nearly touch, a spiral ramp, twisted bands (one and three half twists:
 non-orientable), a picture turned through a full turn (a closed curve in 576-D), a blob
 shifted across a wrapping picture (a torus in 256-D) and scikit-learn's S-curve; noisy
-variants train on noisy points and are tested on clean ones. Printed per fit, with
-``--experts auto``, each fit's chart count and jump ratio (a chart that tears is refitted). Curves: 1000 training points, tested on a clean 1000-point grid;
-surfaces: 2000, tested on 2000 new clean points. Each seed draws its own training sample.
-Printed per fit: the charts used (``--experts auto``: chosen by ``n_experts="auto"``), fit time,
-hard FVU, and the mean and worst (sup) distance of a test point to its hard reconstruction,
-in units of the data's RMS radius.
+variants train on noisy points and are tested on clean ones. Curves: 1000 training points,
+tested on a clean 1000-point grid; surfaces: 2000, tested on 2000 new clean points. Each seed
+draws its own training sample. Printed per fit: the charts used (``--experts auto``: chosen by
+``n_experts="auto"``), fit time, hard FVU, the mean and worst (sup) distance of a test point to
+its hard reconstruction in units of the data's RMS radius, and (auto) each fit's chart count
+and jump ratio: a chart that tears is refitted with one chart more (``moeae.tears``).
 """
 
 from __future__ import annotations
