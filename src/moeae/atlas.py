@@ -439,8 +439,8 @@ def choose_charts(X: np.ndarray, latent_dim: int, seed: int = 0, max_charts: int
     # no count lies flat: noise thickens every piece (or the data are no latent_dim-manifold);
     # the flattest any count gets is then the floor, and the fewest charts near it are kept
     floor = noise_slack * min(t["flat"] for t in tried)
-    return next((t["n_charts"] for t in tried if t["fold"] <= max_fold and t["flat"] <= floor),
-                max_charts), tried
+    return next((int(t["n_charts"]) for t in tried
+                 if t["fold"] <= max_fold and t["flat"] <= floor), max_charts), tried
 
 
 def clean_points(X: np.ndarray, latent_dim: int, cache: dict | None = None) -> np.ndarray:
