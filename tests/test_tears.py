@@ -84,11 +84,27 @@ def test_a_torn_fit_is_refitted_with_one_chart_more(ratios, max_charts, expect):
     assert log == [{"n_charts": c, "tear": r} for c, r in zip(expect, ratios)]
 
 
+def test_the_ratio_of_a_model_is_taken_on_a_seeded_sample_of_its_points():
+    from moeae import MoEAutoencoder, datasets
+    from moeae.run import decode, encode
+    from moeae.tears import tear_ratio
+
+    X, _ = datasets.make_circle(300, random_state=0)
+    est = MoEAutoencoder(n_experts=2, epochs=1, width=16, depth=2, random_state=0).fit(X)
+    idx = np.sort(np.random.default_rng(5).choice(300, 120, replace=False))
+    codes = encode(est.model_, X[idx])
+    expect = jump_ratio(X[idx], codes[:, 0], decode(est.model_, codes))
+    assert tear_ratio(est.model_, X, max_points=120, seed=5) == pytest.approx(expect)
+    codes = encode(est.model_, X)
+    assert tear_ratio(est.model_, X) == pytest.approx(
+        jump_ratio(X, codes[:, 0], decode(est.model_, codes)))  # 300 <= 2000: every point
+
+
 def _tears_once(monkeypatch, module):
     """The first fit's chart tears (ratio 9), the refit's does not (1.2)."""
     seen = []
 
-    def ratio(model, X, n_neighbors=10):
+    def ratio(model, X, **kw):
         seen.append(int(model.counts[0]))
         return 9.0 if len(seen) == 1 else 1.2
 

@@ -173,15 +173,11 @@ def cmd_train(args) -> int:
 
 
 def _tear(model, X, seed: int, ctx) -> float:
-    """:func:`moeae.tears.tear_ratio` on a seeded sample of at most 2000 training points;
-    rank 0's value on every rank."""
-    import numpy as np
-
+    """:func:`moeae.tears.tear_ratio` on (a seeded sample of) the training points; rank 0's
+    value on every rank."""
     from .tears import tear_ratio
 
-    idx = np.arange(len(X)) if len(X) <= 2000 else np.sort(
-        np.random.default_rng(seed).choice(len(X), 2000, replace=False))
-    ratio = tear_ratio(model, np.asarray(X[idx]))
+    ratio = tear_ratio(model, X, seed=seed)
     return float(ctx.all_gather_object(ratio)[0]) if ctx.active else ratio
 
 

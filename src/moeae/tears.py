@@ -54,11 +54,14 @@ def jump_ratio(X: np.ndarray, charts: np.ndarray, X_hat: np.ndarray,
     return float((jump / np.maximum(d[same], floor)).max())
 
 
-def tear_ratio(model, X: np.ndarray, n_neighbors: int = 10) -> float:
-    """:func:`jump_ratio` of a trained model (a population of one) on points X, each decoded
-    by the chart it is encoded in."""
+def tear_ratio(model, X, n_neighbors: int = 10, max_points: int = 2000, seed: int = 0) -> float:
+    """:func:`jump_ratio` of a trained model (a population of one) on points X (an array or
+    memory map), or on a seeded sample of ``max_points`` of them; each point decoded by the
+    chart it is encoded in."""
     from .run import decode, encode
 
+    if len(X) > max_points:
+        X = X[np.sort(np.random.default_rng(seed).choice(len(X), max_points, replace=False))]
     X = np.asarray(X, dtype=np.float64)
     codes = encode(model, X)
     return jump_ratio(X, codes[:, 0], decode(model, codes), n_neighbors)
