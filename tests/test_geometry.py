@@ -192,13 +192,18 @@ def test_new_data_sets_validate_their_arguments():
 # -- configuration -------------------------------------------------------------------------
 
 def test_isometric_overrides():
-    assert isometric_overrides(None) == {}
-    assert isometric_overrides(False) == {"isometry": 0.0, "fold_guard": 0.0}
-    assert isometric_overrides(True)["isometry"] > 0
-    assert isometric_overrides(0.5) == {"isometry": 0.5, "fold_guard": 0.5}
+    assert isometric_overrides(None, 2) == isometric_overrides(None, 1) == {}
+    off = {"isometry": 0.0, "fold_guard": 0.0, "arc_length": False}
+    assert isometric_overrides(False, 2) == isometric_overrides(False, 1) == off
+    assert isometric_overrides(True, 2)["isometry"] > 0
+    assert isometric_overrides(0.5, 2) == {"isometry": 0.5, "fold_guard": 0.5,
+                                           "arc_length": False}
+    # curves: exact arc-length charts instead of the terms
+    assert isometric_overrides(0.5, 1) == {"isometry": 0.0, "fold_guard": 0.0,
+                                           "arc_length": True}
     for bad in (-1.0, float("nan"), "yes"):
         with pytest.raises(ValueError, match="isometric"):
-            isometric_overrides(bad)
+            isometric_overrides(bad, 1)
     assert TrainConfig().isometry == 0.0 and ModelConfig().n_features == 2
 
 

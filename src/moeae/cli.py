@@ -95,7 +95,7 @@ def train_settings(args: argparse.Namespace) -> dict:
     """The settings of ``train``: the --config file's, the command line's over them, then
     :data:`TRAIN_DEFAULTS` for what neither gives (``model.latent_dim`` stays unset: it
     depends on the data)."""
-    from .config import isometric_overrides, merge_settings, read_config_file
+    from .config import merge_settings, read_config_file
 
     base = read_config_file(args.config) if args.config else {"model": {}, "train": {}}
     given = {"data": args.data, "out": args.out, "recipe": args.recipe, "seed": args.seed,
@@ -104,7 +104,7 @@ def train_settings(args: argparse.Namespace) -> dict:
              "train": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                        "grad_clip": args.grad_clip, "working_set": args.working_set,
                        "n_init": args.n_init,
-                       "device": args.device, **isometric_overrides(args.isometric)}}
+                       "device": args.device}}
     settings = merge_settings(base, given)
     settings["model"].setdefault("n_experts", TRAIN_DEFAULTS["experts"])
     for key in ("recipe", "seed", "n_samples", "noise"):
@@ -113,7 +113,7 @@ def train_settings(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args) -> int:
-    from .config import recipe
+    from .config import isometric_overrides, recipe
     from .data import check_trainable
     from .distributed import init, shutdown
     from .run import resume_run, train_run
@@ -130,6 +130,7 @@ def cmd_train(args) -> int:
         X, X_te, t_te, closed, info = _load_data(st["data"], st["n_samples"], st["noise"],
                                                  st["seed"])
         st["model"].setdefault("latent_dim", info.get("manifold_dim", 1))
+        st["train"].update(isometric_overrides(args.isometric, st["model"]["latent_dim"]))
         auto = st["model"]["n_experts"] == "auto"
         if auto:  # as MoEAutoencoder(n_experts="auto")
             from .atlas import auto_charts

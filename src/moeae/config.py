@@ -83,6 +83,8 @@ class TrainConfig:
     chart_inverse: float = 0.0  #: weight of E'(D(z)) D'(z) v = v (encoders invert decoders)
     isometry_points: int = 16  #: per step, the terms at each expert's this many batch points
     #:                          of most weight (its own points under hard targets)
+    arc_length: bool = False  #: curves: after training, codes are arc length along each
+    #:                           chart, points coded by projection (moeae.arclength)
     working_set: int = 2000  #: points per epoch; larger data: a fresh random sample each epoch
     n_init: int = 1  #: independent starts (seeds seed, seed + 1, ...), trained as one
     #:                population; the one that reconstructs the training data best is kept
@@ -148,9 +150,14 @@ def with_budget(model: ModelConfig, train: TrainConfig, n_samples: int) -> Train
     return dataclasses.replace(train, epochs=max(train.epochs, need))
 
 
-def isometric_overrides(isometric) -> dict:
-    """``isometric`` (None, a bool or a weight >= 0) as recipe overrides of the isometry and
-    folding-guard weights; empty for None (the recipe's own)."""
+def isometric_overrides(isometric, latent_dim: int) -> dict:
+    """``isometric`` (None, a bool or a weight >= 0) as recipe overrides; empty for None (the
+    recipe's own).
+
+    Surfaces (``latent_dim`` >= 2): the isometry and folding-guard weights. Curves: arc-length
+    charts (``arc_length``, :mod:`moeae.arclength`) for any weight > 0, exact after training,
+    so the terms are off (they cost 1.3-2x the fit time and did not reach what the
+    reparametrisation does, docs/recipes.md)."""
     if isometric is None:
         return {}
     if isinstance(isometric, bool) or type(isometric).__name__ == "bool_":
@@ -163,7 +170,9 @@ def isometric_overrides(isometric) -> dict:
     else:
         raise ValueError(f"isometric must be None, a bool or a finite weight >= 0, "
                          f"got {isometric!r}")
-    return {"isometry": w, "fold_guard": w}
+    if latent_dim == 1:
+        return {"isometry": 0.0, "fold_guard": 0.0, "arc_length": w > 0}
+    return {"isometry": w, "fold_guard": w, "arc_length": False}
 
 
 def to_dict(model: ModelConfig, train: TrainConfig, **extra: Any) -> dict:

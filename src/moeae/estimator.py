@@ -147,7 +147,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
             lr=self.lr, width=self.width, depth=self.depth, dropout=self.dropout,
             weight_decay=self.weight_decay, input_noise=self.input_noise,
             working_set=self.working_set, device=self.device,
-            seed=seed, **isometric_overrides(self.isometric))
+            seed=seed, **isometric_overrides(self.isometric, self.latent_dim))
         return mc, tc
 
     def fit(self, X, y=None):
@@ -308,7 +308,12 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         from .sampling import ChartDomains, sample
 
         rng = np.random.default_rng(random_state)
-        domains = ChartDomains(self.codes_, self.model_.counts[0])
+        codes = self.codes_
+        if self.model_.arc:  # the decoders' own codes
+            from .arclength import network_codes
+
+            codes = network_codes(self.model_, codes)
+        domains = ChartDomains(codes, self.model_.counts[0])
         return sample(self.model_, domains, int(n), rng)
 
     def __sklearn_is_fitted__(self):

@@ -56,6 +56,8 @@ class MoEAE(nn.Module):
     scale: torch.Tensor  # (M, 1, 1) input scale
     active: torch.Tensor  # (M, E) experts the router may pick
     fallback: torch.Tensor  # (M,) error above which the router's chart is checked (0: never)
+    arc_code: torch.Tensor  # (M, E, T) arc-length charts (moeae.arclength): codes ...
+    arc_length: torch.Tensor  # (M, E, T) ... and arc lengths; T = 0: off
 
     def __init__(self, cfg: ModelConfig, experts_per_model: Sequence[int] | None = None):
         super().__init__()
@@ -86,6 +88,14 @@ class MoEAE(nn.Module):
         # Squared reconstruction distance (data units) above which the router's chart is
         # checked against the others (0: never); set after training (MoEAE.set_fallback).
         self.register_buffer("fallback", torch.zeros(M))
+        # curves: each chart's arc-length table, set after training (MoEAE.set_arc_length)
+        self.register_buffer("arc_code", torch.zeros(M, E, 0))
+        self.register_buffer("arc_length", torch.zeros(M, E, 0))
+
+    @property
+    def arc(self) -> bool:
+        """Whether the charts are arc-length charts (:mod:`moeae.arclength`)."""
+        return self.arc_code.shape[-1] > 0
 
     @property
     def n_models(self) -> int:
@@ -146,6 +156,9 @@ class MoEAE(nn.Module):
         key = prefix + "fallback"
         if key not in state_dict:  # saved before the fallback existed: the router alone
             state_dict[key] = torch.zeros_like(self.fallback)
+        for name in ("arc_code", "arc_length"):  # tables of any length, or none (older files)
+            given = state_dict.setdefault(prefix + name, getattr(self, name)[..., :0])
+            setattr(self, name, getattr(self, name).new_zeros(given.shape))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
 
@@ -167,6 +180,8 @@ class MoEAE(nn.Module):
         one.scale.copy_(self.scale[m:m + 1])
         one.active.copy_(self.active[m:m + 1, :E])
         one.fallback.copy_(self.fallback[m:m + 1])
+        one.arc_code = self.arc_code[m:m + 1, :E].clone()
+        one.arc_length = self.arc_length[m:m + 1, :E].clone()
         return one.train(self.training)
 
     def padded(self, grouped: torch.Tensor) -> torch.Tensor:
@@ -236,12 +251,37 @@ class MoEAE(nn.Module):
         self.fallback.copy_(gate * q)
 
     @torch.no_grad()
+    def set_arc_length(self, x: torch.Tensor, chunk: int = 1024) -> None:
+        """Make the charts arc-length charts (:func:`moeae.arclength.tables`) from the points
+        x (M, n, d) (the training data), each in its chart (:meth:`charts`)."""
+        from .arclength import tables
+
+        was = self.training
+        self.eval()
+        chart = torch.cat([self.charts(self.forward(x[:, i:i + chunk], mix=False),
+                                       x[:, i:i + chunk]) for i in range(0, x.shape[1], chunk)], 1)
+        self.arc_code, self.arc_length = tables(self, x, chart)
+        self.train(was)
+
+    @torch.no_grad()
+    def codes(self, out: MoEOutput, x: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From a forward pass ``out`` on x (M, B, d): each point's chart (M, B), its hard
+        reconstruction (M, B, d) and every chart's code (M, E, B, k). Arc-length charts: by
+        projection (:func:`moeae.arclength.project`); else :meth:`hard` and the encoders."""
+        if self.arc:
+            from .arclength import project
+
+            chart, y, s, _ = project(self, x)
+            return chart, y, self.padded(s)
+        chart, y = self.hard(out, x)
+        return chart, y, self.padded(out.latents)
+
+    @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Atlas codes: x (M, B, d) -> chart (M, B) long (:meth:`charts`), z (M, B, k) of
+        """Atlas codes: x (M, B, d) -> chart (M, B) long (:meth:`codes`), z (M, B, k) of
         that chart."""
-        out = self.forward(x)
-        chart = self.charts(out, x)  # (M, B)
-        z = self.padded(out.latents)  # (M, E, B, k)
+        chart, _, z = self.codes(self.forward(x, mix=False), x)  # z (M, E, B, k)
         z = z.gather(1, chart[:, None, :, None].expand(-1, 1, -1, z.shape[-1]))[:, 0]
         return chart, z
 
@@ -249,6 +289,10 @@ class MoEAE(nn.Module):
     def decode(self, chart: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Hard decoding: chart (M, B) long, z (M, B, k) -> x (M, B, d) from that chart only."""
         zg = z[self.expert_model]  # (G, B, k): every decoder decodes every point ...
+        if self.arc:  # arc length -> the network's code, each chart by its own table
+            from .arclength import raw_codes
+
+            zg = raw_codes(self, zg)
         vg = self.decoder(zg)  # (G, B, d)
         y = self.padded(vg * self.scale[self.expert_model] + self.shift[self.expert_model])
         idx = chart[:, None, :, None].expand(-1, 1, -1, y.shape[-1])  # ... and the chart picks

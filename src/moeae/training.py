@@ -295,14 +295,22 @@ class Trainer:
             if bar is not None:
                 bar.set_postfix(loss=f"{float(np.mean(st.history[-1])):.3g}")
                 bar.update(1)
-            if epoch + 1 == epochs and cfg.fallback_gate > 0:  # before the last checkpoint:
-                # where the router's chart is checked (MoEAE.charts)
-                self.model.set_fallback(data.gather(self._rows(data)), cfg.fallback_gate)
+            if epoch + 1 == epochs:  # before the last checkpoint: where the router's chart
+                self._finish_charts(data)  # is checked, arc-length tables
             if on_epoch_end is not None:
                 on_epoch_end(self)
         if bar is not None:
             bar.close()
         return st
+
+    def _finish_charts(self, data: TrainingData) -> None:
+        """After the last step: the router's fallback, arc-length charts (curves)."""
+        arc = self.cfg.arc_length and self.model.cfg.latent_dim == 1
+        if self.cfg.fallback_gate > 0 or arc:
+            x = data.gather(self._rows(data))
+            self.model.set_fallback(x, self.cfg.fallback_gate)
+            if arc:
+                self.model.set_arc_length(x)
 
     def _rows(self, data: TrainingData, limit: int = 10_000) -> np.ndarray:
         """Each model's rows of the training data that judge it: all, or a fixed sample of
@@ -481,13 +489,10 @@ def evaluate(model: MoEAE, X: torch.Tensor, chunk: int = EVAL_CHUNK) -> dict[str
     for i in range(0, X.shape[1], chunk):
         xb = X[:, i:i + chunk].to(device)
         out = model(xb)
-        chart, x_hard = model.hard(out, xb)
-        parts.append({
-            "x_soft": out.x_hat, "x_hard": x_hard, "chart": chart,
-            "probs": out.probs.nan_to_num(0.0),
-            "expert_outputs": model.padded(out.expert_outputs),  # (M, E, b, d)
-            "latents": model.padded(out.latents),  # (M, E, b, k)
-        })
+        chart, x_hard, latents = model.codes(out, xb)  # latents (M, E, b, k)
+        parts.append({"x_soft": out.x_hat, "x_hard": x_hard, "chart": chart,
+                      "probs": out.probs.nan_to_num(0.0), "latents": latents,
+                      "expert_outputs": model.padded(out.expert_outputs)})  # (M, E, b, d)
     model.train(was)
     res = {}
     for key in parts[0]:

@@ -1,0 +1,147 @@
+"""Arc-length charts for curves (moeae.arclength): tables, projection, codes that keep lengths,
+and that they survive saving, loading and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from moeae import MoEAutoencoder
+from moeae import datasets as ds
+from moeae.arclength import interp, network_codes
+from moeae.geometry import speed_cv
+from moeae.model import MoEAE
+
+SHORT = dict(n_experts=2, latent_dim=1, epochs=60, n_init=1, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def arc_fit():
+    X, _ = ds.make_circle(300, random_state=0)
+    return MoEAutoencoder(random_state=0, isometric=True, **SHORT).fit(X)
+
+
+def test_interp_matches_numpy_inside_and_extends_the_end_segments():
+    xk = torch.tensor([[0.0, 1.0, 3.0], [-1.0, 0.0, 2.0]], dtype=torch.float64)
+    yk = torch.tensor([[0.0, 2.0, 3.0], [5.0, 4.0, 0.0]], dtype=torch.float64)
+    q = torch.tensor([[0.5, 2.0, 4.0, -1.0], [-0.5, 1.0, 3.0, -2.0]], dtype=torch.float64)
+    got = interp(q, xk, yk).numpy()
+    for g in range(2):
+        inside = (q[g] >= xk[g, 0]) & (q[g] <= xk[g, -1])
+        assert np.allclose(got[g][inside.numpy()], np.interp(q[g][inside], xk[g], yk[g]))
+    assert got[0, 2] == pytest.approx(3.5)  # slope 1/2 beyond 3
+    assert got[0, 3] == pytest.approx(-2.0)  # slope 2 before 0
+    assert got[1, 2] == pytest.approx(-2.0)
+    assert got[1, 3] == pytest.approx(6.0)
+
+
+def test_isometric_curves_get_arc_length_charts_not_training_terms(arc_fit):
+    tc, m = arc_fit.train_config_, arc_fit.model_
+    assert tc.arc_length and tc.isometry == 0 and tc.fold_guard == 0
+    assert m.arc and m.arc_code.shape == m.arc_length.shape == (1, 2, 1025)
+    assert bool((m.arc_length.diff(dim=-1) > 0).all())  # every table inverts
+    # the two charts' lengths add up to the circle's, plus their overlaps
+    total = float(m.arc_length[0, :, -1].sum())
+    assert 2 * np.pi < total < 1.5 * 2 * np.pi
+
+
+def test_codes_move_at_unit_speed_along_the_curve(arc_fit):
+    Xt, tt = ds.make_circle(1000, grid=True)
+    codes = arc_fit.transform(Xt)
+    cv = speed_cv(codes[:, 0].astype(int), codes[:, 1:], Xt, tt, closed=True)
+    assert max(cv.values()) <= 0.05, cv
+    # decoding moves at unit speed in data units: the code is arc length itself
+    h = 1e-4
+    up, down = codes.copy(), codes.copy()
+    up[:, 1] += h
+    down[:, 1] -= h
+    speed = np.linalg.norm(arc_fit.inverse_transform(up) - arc_fit.inverse_transform(down),
+                           axis=1) / (2 * h)
+    assert np.median(np.abs(speed - 1)) < 0.01, np.percentile(speed, [5, 50, 95])
+    assert arc_fit.reconstruction_error(Xt) < 1e-3
+
+
+def test_projection_is_the_nearest_point_of_the_traced_curves(arc_fit):
+    """Each point's chart and reconstruction equal a brute-force search over every chart's
+    decoder traced densely over its table's range."""
+    m = arc_fit.model_
+    Xt, _ = ds.make_circle(200, grid=True)
+    codes = arc_fit.transform(Xt)
+    X_hat = arc_fit.inverse_transform(codes)
+    best, step = np.full(len(Xt), np.inf), 0.0
+    for e in range(2):
+        s = np.linspace(0, float(m.arc_length[0, e, -1]), 20_001)
+        step = max(step, s[1])
+        curve = arc_fit.inverse_transform(np.c_[np.full(len(s), e), s])
+        best = np.minimum(best, np.linalg.norm(Xt[:, None] - curve[None], axis=-1).min(1))
+    got = np.linalg.norm(Xt - X_hat, axis=1)
+    assert np.all(got <= best + 1e-6), (got - best).max()
+    # the trace's points lie step apart: the nearest of them is at most step / 2 further
+    assert np.all(got**2 >= best**2 - (step / 2) ** 2 - 1e-12)
+
+
+def test_decoded_codes_encode_to_themselves(arc_fit):
+    m = arc_fit.model_
+    e = 0
+    L = float(m.arc_length[0, e, -1])
+    codes = np.c_[np.zeros(50), np.linspace(0.2 * L, 0.8 * L, 50)]  # inside chart 0
+    back = arc_fit.transform(arc_fit.inverse_transform(codes))
+    assert np.array_equal(back[:, 0], codes[:, 0])
+    assert np.allclose(back[:, 1], codes[:, 1], atol=1e-6 * L)
+    # the network's own codes decode to the same points
+    raw = network_codes(m, codes)
+    with torch.no_grad():
+        y = m.decoder(torch.as_tensor(raw[:, 1:])[None].expand(2, -1, -1))[e]
+    y = y.numpy() * m.scale[0, 0, 0].item() + m.shift[0, 0].numpy()
+    assert np.allclose(y, arc_fit.inverse_transform(codes), atol=1e-9)
+
+
+def test_tables_survive_save_and_load_and_older_files_load_without(arc_fit, tmp_path):
+    Xt, _ = ds.make_circle(100, grid=True)
+    arc_fit.save(tmp_path / "m.safetensors")
+    back = MoEAutoencoder.load(tmp_path / "m.safetensors")
+    assert back.model_.arc
+    assert np.array_equal(back.transform(Xt), arc_fit.transform(Xt))
+    # a state saved before the tables existed: plain charts
+    state = {k: v for k, v in arc_fit.model_.state_dict().items() if not k.startswith("arc_")}
+    plain = MoEAE(arc_fit.model_config_)
+    plain.load_state_dict(state)
+    assert not plain.arc and plain.arc_code.shape == (1, 2, 0)
+
+
+def test_arc_length_needs_a_curve():
+    X, _ = ds.make_sphere(200, random_state=0)
+    est = MoEAutoencoder(n_experts=2, latent_dim=2, epochs=2, n_init=1, isometric=True,
+                         random_state=0).fit(X)
+    assert not est.model_.arc and not est.train_config_.arc_length
+    assert est.train_config_.isometry > 0
+
+
+def test_train_isometric_curve_keeps_its_tables_through_the_command_line(tmp_path):
+    from moeae.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", "circle", "--experts", "2", "--epochs", "20",
+                 "--n-samples", "200", "--isometric", "--out", str(out), "--threads",
+                 "1"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["arc_length"] is True and cfg["train"]["isometry"] == 0.0
+    Xt, _ = ds.make_circle(300, grid=True)
+    np.save(tmp_path / "x.npy", Xt)
+    assert main(["encode", str(out), str(tmp_path / "x.npy"), str(tmp_path / "c.npy"),
+                 "--threads", "1"]) == 0
+    codes = np.load(tmp_path / "c.npy")
+    # codes are arc length: the two charts' codes span about the circle's length between them
+    span = sum(np.ptp(codes[codes[:, 0] == e, 1]) for e in (0, 1))
+    assert 0.9 * 2 * np.pi < span < 1.1 * 2 * np.pi
+    assert main(["decode", str(out), str(tmp_path / "c.npy"), str(tmp_path / "y.npy"),
+                 "--threads", "1"]) == 0
+    from moeae.run import decode, encode, load_model
+
+    model, _ = load_model(out)
+    assert model.arc
+    assert np.array_equal(codes, encode(model, Xt))
+    assert np.array_equal(np.load(tmp_path / "y.npy"), decode(model, codes))
