@@ -3,8 +3,9 @@
     python benchmarks/bench_constraints.py [--part curves swiss orient sphere sample] [--seeds 5]
 
 - ``curves``: circle (2 charts), figure-8 (2), spiral (4), 1000 training points, tested on the
-  1000-point grid; fit time, hard FVU and the worst chart's speed CV, without and with
-  ``isometric=True``, fitted alternately (so a busy machine slows both alike).
+  1000-point grid; fit time, time to encode the grid, hard FVU, the worst point's distance and
+  the worst chart's speed CV, without and with ``isometric=True`` (arc-length charts), fitted
+  alternately (so a busy machine slows both alike).
 - ``swiss``: swiss roll, 2000 points, 4 charts, latent 2; the same, with the spread (p95/p5)
   of the per-chart-normalised neighbour distance ratio in the unrolled coordinates.
 - ``orient``: ``orientable()`` on a Moebius band, a band with two half twists, a cylinder, a
@@ -55,7 +56,11 @@ def part_curves(seeds, rows):
             X, _ = make(1000, random_state=seed)
             for iso in ((False, True) if seed % 2 == 0 else (True, False)):
                 est, sec = fit(X, iso, seed, n_experts=E, latent_dim=1)
+                t0 = time.perf_counter()
                 chart, z = codes_of(est, Xt)
+                encode_s = time.perf_counter() - t0
+                worst = float(np.linalg.norm(
+                    est.inverse_transform(np.c_[chart, z]) - Xt, axis=1).max())
                 cv = speed_cv(chart, z, Xt, tt, closed)
                 if FIGURES and seed == 0:
                     from moeae.plot_geometry import plot_arclength
@@ -67,7 +72,8 @@ def part_curves(seeds, rows):
                     plot_arclength({f"{name}, isometric={iso}": snap},
                                    f"{FIGURES}/arclength_{name}_{'iso' if iso else 'plain'}.png")
                 row = {"part": "curves", "data": name, "seed": seed, "isometric": iso,
-                       "fit_s": sec, "fvu_hard": est.reconstruction_error(Xt),
+                       "fit_s": sec, "encode_s": encode_s, "worst": worst,
+                       "fvu_hard": est.reconstruction_error(Xt),
                        "speed_cv_max": max(cv.values()), "speed_cv": cv}
                 report(row, rows)
 

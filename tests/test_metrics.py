@@ -64,6 +64,11 @@ def test_snapshot_metrics_values(rng):
 def test_atlas_embedding_separates_charts():
     emb = atlas_embedding(np.array([0, 1, 2]), np.array([[1.0], [-1.0], [0.0]]))
     np.testing.assert_allclose(emb[:, 0], [1.0, 9.0, 20.0])
+    # arc-length codes run to their chart's length: the charts still do not overlap
+    chart = np.repeat([0, 1], 50)
+    z = np.r_[np.linspace(0, 40, 50), np.linspace(0, 25, 50)][:, None]
+    emb = atlas_embedding(chart, z)
+    assert emb[chart == 0, 0].max() < emb[chart == 1, 0].min()
 
 
 def test_aggregate_mean_and_sd():

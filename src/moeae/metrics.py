@@ -46,8 +46,11 @@ def hard_latent(snap) -> np.ndarray:
 
 def atlas_embedding(chart: np.ndarray, z: np.ndarray, gap: float = 10.0) -> np.ndarray:
     """(n,) charts and (n, k) coordinates -> (n, k) points, chart c shifted by ``c * gap``
-    along the first axis (tanh latents lie in [-1, 1], so charts never overlap)."""
+    along the first axis (tanh latents lie in [-1, 1], so charts never overlap; arc-length
+    codes, :mod:`moeae.arclength`, are as long as their charts: the gap grows with them)."""
     emb = np.array(z, dtype=np.float64, copy=True)
+    if len(emb):
+        gap = max(gap, 3.0 * float(np.abs(emb[:, 0]).max()))
     emb[:, 0] += gap * chart
     return emb
 
