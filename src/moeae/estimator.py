@@ -72,11 +72,14 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         cuts charts away from self-crossings, so one start suffices; ``moeae train`` trains
         the same). Each start costs about one more fit of compute.
     isometric : bool or float, optional
-        Constrain the charts (:mod:`moeae.geometry`): each decoder keeps lengths up to one
-        scale per chart (``J^T J = s_e^2 I``), and a folding guard keeps its stretch within a
-        band around that scale. True uses weight ``moeae.config.ISOMETRIC_WEIGHT`` (1) for
-        both terms, a float sets the weight, False turns them off; None (default) keeps the
-        recipe's choice.
+        Charts that keep lengths. Curves (``latent_dim=1``): arc-length charts
+        (:mod:`moeae.arclength`), each code the arc length in data units to the nearest point
+        of the nearest chart's curve, for True or any weight > 0. Surfaces: training terms
+        (:mod:`moeae.geometry`) by which each decoder keeps lengths up to one scale per chart
+        (``J^T J = s_e^2 I``), with a folding guard keeping its stretch within a band around
+        that scale; True uses weight ``moeae.config.ISOMETRIC_WEIGHT`` (1) for both terms, a
+        float sets the weight. False turns either off; None (default) keeps the recipe's
+        choice.
     device : {"auto", "cpu", "cuda"}, default="auto"
     random_state : int or None, default=None
         Seed of initialisation, shuffling and dropout. None draws one from numpy's global RNG.

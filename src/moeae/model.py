@@ -57,7 +57,7 @@ class MoEAE(nn.Module):
     active: torch.Tensor  # (M, E) experts the router may pick
     fallback: torch.Tensor  # (M,) error above which the router's chart is checked (0: never)
     arc_code: torch.Tensor  # (M, E, T) arc-length charts (moeae.arclength): codes ...
-    arc_length: torch.Tensor  # (M, E, T) ... and arc lengths; T = 0: off
+    arc_length: torch.Tensor  # (M, E, T) ... and arc lengths; absent: off
 
     def __init__(self, cfg: ModelConfig, experts_per_model: Sequence[int] | None = None):
         super().__init__()
@@ -88,14 +88,19 @@ class MoEAE(nn.Module):
         # Squared reconstruction distance (data units) above which the router's chart is
         # checked against the others (0: never); set after training (MoEAE.set_fallback).
         self.register_buffer("fallback", torch.zeros(M))
-        # curves: each chart's arc-length table, set after training (MoEAE.set_arc_length)
-        self.register_buffer("arc_code", torch.zeros(M, E, 0))
-        self.register_buffer("arc_length", torch.zeros(M, E, 0))
+        # curves: arc_code, arc_length, registered by MoEAE.set_arc_length after training
 
     @property
     def arc(self) -> bool:
         """Whether the charts are arc-length charts (:mod:`moeae.arclength`)."""
-        return self.arc_code.shape[-1] > 0
+        return "arc_code" in self._buffers
+
+    def _set_tables(self, code: torch.Tensor | None, length: torch.Tensor | None) -> None:
+        for name, t in (("arc_code", code), ("arc_length", length)):
+            if t is None:
+                self._buffers.pop(name, None)
+            else:
+                self.register_buffer(name, t)
 
     @property
     def n_models(self) -> int:
@@ -156,9 +161,11 @@ class MoEAE(nn.Module):
         key = prefix + "fallback"
         if key not in state_dict:  # saved before the fallback existed: the router alone
             state_dict[key] = torch.zeros_like(self.fallback)
-        for name in ("arc_code", "arc_length"):  # tables of any length, or none (older files)
-            given = state_dict.setdefault(prefix + name, getattr(self, name)[..., :0])
-            setattr(self, name, getattr(self, name).new_zeros(given.shape))
+        if prefix + "arc_code" in state_dict:  # arc-length tables, of any length
+            self._set_tables(*(torch.zeros_like(state_dict[prefix + n]).to(self.shift)
+                               for n in ("arc_code", "arc_length")))
+        else:  # plain charts
+            self._set_tables(None, None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
 
@@ -180,8 +187,9 @@ class MoEAE(nn.Module):
         one.scale.copy_(self.scale[m:m + 1])
         one.active.copy_(self.active[m:m + 1, :E])
         one.fallback.copy_(self.fallback[m:m + 1])
-        one.arc_code = self.arc_code[m:m + 1, :E].clone()
-        one.arc_length = self.arc_length[m:m + 1, :E].clone()
+        if self.arc:
+            one._set_tables(self.arc_code[m:m + 1, :E].clone(),
+                            self.arc_length[m:m + 1, :E].clone())
         return one.train(self.training)
 
     def padded(self, grouped: torch.Tensor) -> torch.Tensor:
@@ -260,7 +268,7 @@ class MoEAE(nn.Module):
         self.eval()
         chart = torch.cat([self.charts(self.forward(x[:, i:i + chunk], mix=False),
                                        x[:, i:i + chunk]) for i in range(0, x.shape[1], chunk)], 1)
-        self.arc_code, self.arc_length = tables(self, x, chart)
+        self._set_tables(*tables(self, x, chart))
         self.train(was)
 
     @torch.no_grad()
