@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from moeae.tears import TEAR_LIMIT, jump_ratio, untorn
+from moeae.tears import TEAR_LIMIT, jump_ratio, needs_more, residual_agreement, untorn
 
 
 def _line(n=200):
@@ -77,11 +77,50 @@ def test_a_torn_fit_is_refitted_with_one_chart_more(ratios, max_charts, expect):
 
     def fit(c):
         calls.append(c)
-        return f"model with {c}", ratios[len(calls) - 1]
+        return f"model with {c}", {"tear": ratios[len(calls) - 1]}
 
     result, log = untorn(fit, 2, max_charts)
     assert calls == expect and result == f"model with {expect[-1]}"
-    assert log == [{"n_charts": c, "tear": r} for c, r in zip(expect, ratios)]
+    assert log == [{"n_charts": c, "tear": r, "reason": "tore" if r > TEAR_LIMIT else None}
+                   for c, r in zip(expect, ratios)]
+
+
+@pytest.mark.parametrize("check, reason", [
+    ({"tear": 1.2, "fvu": 8e-4, "agreement": 0.79}, "underfit"),  # the band, 3 half twists
+    ({"tear": 9.0, "fvu": 8e-4, "agreement": 0.79}, "tore"),
+    ({"tear": 1.3, "fvu": 2.5e-3, "agreement": 0.53}, None),  # noise: residuals disagree
+    ({"tear": 1.1, "fvu": 2e-5, "agreement": 0.87}, None),  # a good fit agrees, but is close
+    ({"tear": 1.1, "fvu": 3.5e-4, "agreement": 0.81}, None),  # the shifting picture
+])
+def test_a_fit_needs_one_chart_more_where_it_tears_or_underfits_coherently(check, reason):
+    assert needs_more(check) == reason
+
+
+def test_an_underfit_fit_is_refitted_and_its_check_logged():
+    checks = [{"tear": 1.2, "fvu": 8e-4, "agreement": 0.79},
+              {"tear": 1.1, "fvu": 4e-5, "agreement": 0.79}]
+    result, log = untorn(lambda c: (c, checks[c - 2]), 2, 16)
+    assert result == 3
+    assert log == [{"n_charts": 2, **checks[0], "reason": "underfit"},
+                   {"n_charts": 3, **checks[1], "reason": None}]
+
+
+def test_residual_agreement_is_one_for_a_shift_and_near_zero_for_noise():
+    X = _line(400)
+    charts = np.zeros(len(X))
+    shifted = X + np.array([0.0, 0.01])  # every residual the same
+    assert residual_agreement(X, charts, shifted) == pytest.approx(1.0)
+    noisy = X + 0.01 * np.random.default_rng(0).standard_normal(X.shape)
+    assert abs(residual_agreement(X, charts, noisy)) < 0.1
+    # an independent computation: the mean cosine over same-chart neighbour pairs
+    from sklearn.neighbors import NearestNeighbors
+
+    charts = (X[:, 0] > 0.5).astype(int)
+    ind = NearestNeighbors(n_neighbors=11).fit(X).kneighbors(X)[1][:, 1:]
+    R = X - noisy
+    cos = [R[i] @ R[j] / np.linalg.norm(R[i]) / np.linalg.norm(R[j])
+           for i in range(len(X)) for j in ind[i] if charts[i] == charts[j]]
+    assert residual_agreement(X, charts, noisy) == pytest.approx(np.mean(cos))
 
 
 def test_the_ratio_of_a_model_is_taken_on_a_seeded_sample_of_its_points():
@@ -98,17 +137,26 @@ def test_the_ratio_of_a_model_is_taken_on_a_seeded_sample_of_its_points():
     codes = encode(est.model_, X)
     assert tear_ratio(est.model_, X) == pytest.approx(
         jump_ratio(X, codes[:, 0], decode(est.model_, codes)))  # 300 <= 2000: every point
+    # the whole check on the same sample: the tear, the estimator's own hard FVU, agreement
+    from moeae.tears import atlas_check
+
+    check = atlas_check(est.model_, X, max_points=120, seed=5)
+    assert check["tear"] == pytest.approx(expect)
+    assert check["fvu"] == pytest.approx(est.reconstruction_error(X[idx]), rel=1e-9)
+    codes = encode(est.model_, X[idx])
+    assert check["agreement"] == pytest.approx(
+        residual_agreement(X[idx], codes[:, 0], decode(est.model_, codes)))
 
 
 def _tears_once(monkeypatch, module):
     """The first fit's chart tears (ratio 9), the refit's does not (1.2)."""
     seen = []
 
-    def ratio(model, X, **kw):
+    def check(model, X, **kw):
         seen.append(int(model.counts[0]))
-        return 9.0 if len(seen) == 1 else 1.2
+        return {"tear": 9.0 if len(seen) == 1 else 1.2, "fvu": 1e-5, "agreement": 0.5}
 
-    monkeypatch.setattr(module, "tear_ratio", ratio)
+    monkeypatch.setattr(module, "atlas_check", check)
     return seen
 
 
@@ -121,7 +169,9 @@ def test_the_estimator_refits_a_torn_automatic_atlas_with_one_chart_more(monkeyp
     est = MoEAutoencoder(n_experts="auto", epochs=2, width=16, depth=2, random_state=0).fit(X)
     assert seen == [2, 3]  # the chosen count, then one more
     assert est.model_config_.n_experts == 3 and est.model_.counts[0] == 3
-    assert est.chart_choice_[-2:] == [{"n_charts": 2, "tear": 9.0}, {"n_charts": 3, "tear": 1.2}]
+    assert est.chart_choice_[-2:] == [
+        {"n_charts": 2, "tear": 9.0, "fvu": 1e-5, "agreement": 0.5, "reason": "tore"},
+        {"n_charts": 3, "tear": 1.2, "fvu": 1e-5, "agreement": 0.5, "reason": None}]
     assert est.chart_choice_[1]["n_charts"] == 2 and "fold" in est.chart_choice_[1]
     assert est.codes_[:, 0].max() < 3 and len(est.history_) == 2
 
@@ -154,3 +204,16 @@ def test_the_command_line_refits_a_torn_automatic_atlas_the_same_way(tmp_path, m
     assert json.loads((out / "config.json").read_text())["model"]["n_experts"] == 3
     model, _ = load_model(out)
     assert model.counts[0] == 3
+
+
+def test_the_command_line_says_why_it_refitted_an_underfit_atlas(tmp_path, monkeypatch, capsys):
+    import moeae.tears
+    from moeae.cli import main
+
+    checks = iter([{"tear": 1.2, "fvu": 8.6e-4, "agreement": 0.79},
+                   {"tear": 1.1, "fvu": 4e-5, "agreement": 0.79}])
+    monkeypatch.setattr(moeae.tears, "atlas_check", lambda model, X, **kw: next(checks))
+    assert main(["train", "--data", "circle", "--experts", "auto", "--n-samples", "300",
+                 "--epochs", "2", "--out", str(tmp_path / "run")]) == 0
+    assert ("--experts auto: 2 chart(s) underfit (FVU 8.6e-04, residual agreement 0.79): "
+            "trained 3") in capsys.readouterr().out

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "torus, swiss_roll, s_curve) or a .npy/.csv file of shape (n, d)")
     t.add_argument("--experts", type=_auto_or_count, default=None,
                    help="number of experts (charts), or auto: the fewest that cut the data "
-                        "without strain, one more where a trained chart tears, as "
+                        "without strain, one more where a trained chart tears or underfits, as "
                         "MoEAutoencoder(n_experts='auto') (default: "
                         f"{TRAIN_DEFAULTS['experts']})")
     t.add_argument("--latent-dim", type=_positive_int, default=None,

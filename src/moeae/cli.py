@@ -151,17 +151,20 @@ def cmd_train(args) -> int:
             tr = train_run(st["out"], X, mc, tc, X_test=X_te, t_test=t_te, closed=closed,
                            data_info=info, force=args.force or c != first,
                            progress=show_progress(args), ctx=ctx, prune=auto)
-            return tr, (_tear(tr.model, X, st["seed"], ctx) if auto else 1.0)
+            return tr, (_check(tr.model, X, st["seed"], ctx) if auto else {"tear": 1.0})
 
         first = st["model"]["n_experts"]
-        if auto:  # a chart that tears in training: one chart more (moeae.tears)
+        if auto:  # a chart that tears or underfits: one chart more (moeae.tears)
             from .atlas import MAX_CHARTS
             from .tears import untorn
 
             tr, fits = untorn(fit_with, first, MAX_CHARTS)
             if ctx.is_main and len(fits) > 1:
                 print("--experts auto: " + ", ".join(
-                    f"{f['n_charts']} chart(s) tore (jump {f['tear']:.1f})" for f in fits[:-1])
+                    f"{f['n_charts']} chart(s) " + (
+                        f"tore (jump {f['tear']:.1f})" if f["reason"] == "tore" else
+                        f"underfit (FVU {f['fvu']:.1e}, residual agreement "
+                        f"{f['agreement']:.2f})") for f in fits[:-1])
                     + f": trained {fits[-1]['n_charts']}")
         else:
             tr, _ = fit_with(first)
@@ -173,13 +176,13 @@ def cmd_train(args) -> int:
         shutdown()
 
 
-def _tear(model, X, seed: int, ctx) -> float:
-    """:func:`moeae.tears.tear_ratio` on (a seeded sample of) the training points; rank 0's
-    value on every rank."""
-    from .tears import tear_ratio
+def _check(model, X, seed: int, ctx) -> dict:
+    """:func:`moeae.tears.atlas_check` on (a seeded sample of) the training points; rank 0's
+    values on every rank."""
+    from .tears import atlas_check
 
-    ratio = tear_ratio(model, X, seed=seed)
-    return float(ctx.all_gather_object(ratio)[0]) if ctx.active else ratio
+    check = atlas_check(model, X, seed=seed)
+    return ctx.all_gather_object(check)[0] if ctx.active else check
 
 
 def cmd_sweep(args) -> int:

@@ -30,7 +30,7 @@ from .config import (
 from .data import SCAN_ROWS, check_trainable
 from .model import MoEAE
 from .run import as_population, check_configs, decode, encode, switch_off_unused
-from .tears import tear_ratio, untorn
+from .tears import atlas_check, untorn
 from .training import Trainer, evaluate, resolve_device
 from .working_set import release_pages
 
@@ -50,8 +50,10 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         neighbour graph cuts without strain (:func:`moeae.atlas.choose_charts`: every chart lies
         flat in ``latent_dim`` coordinates and holds no points close in space but far apart
         along the manifold); charts the router never picks after training are then switched
-        off. Where a trained chart tears (neighbouring points whose reconstructions jump apart,
-        :mod:`moeae.tears`), the fit is repeated with one chart more, at most twice.
+        off. Where a trained chart tears (neighbouring points whose reconstructions jump apart)
+        or the charts underfit (hard FVU above 4e-4 with residuals that agree between
+        neighbours, :mod:`moeae.tears`), the fit is repeated with one chart more, at most
+        twice.
     latent_dim : int, default=1
         Coordinates per chart; must be smaller than the number of features.
     recipe : {"best", "seed"}, default="best"
@@ -101,8 +103,9 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         Charts in use: those the router picks for some training point.
     chart_choice_ : list of dict
         With ``n_experts="auto"``: per chart count tried, its worst ``fold`` and ``flat``
-        ratios (:func:`moeae.atlas.choose_charts`), then per fit its ``n_charts`` and ``tear``
-        ratio (:func:`moeae.tears.jump_ratio`; the last fit is the one kept); else empty.
+        ratios (:func:`moeae.atlas.choose_charts`), then per fit its ``n_charts``, ``tear``
+        ratio, ``fvu``, residual ``agreement`` and the ``reason`` it was refitted, or None
+        (:func:`moeae.tears.atlas_check`; the last fit is the one kept); else empty.
     """
 
     def __init__(self, *, n_experts=4, latent_dim=1, recipe="best", epochs=None,
@@ -187,12 +190,12 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
             self._fit_once(X, X_ref, mc, tc, k, atlas_cache, prune=False)
             return self
 
-        def fit_with(c: int) -> tuple[None, float]:
+        def fit_with(c: int) -> tuple[None, dict]:
             self._fit_once(X, X_ref, dataclasses.replace(mc, n_experts=c),
                            dataclasses.replace(tc), k, atlas_cache, prune=True)
-            return None, tear_ratio(self.model_, X_ref)
+            return None, atlas_check(self.model_, X_ref)
 
-        # a chart that tears in training: one chart more (moeae.tears)
+        # a chart that tears or underfits in training: one chart more (moeae.tears)
         _, fits = untorn(fit_with, mc.n_experts, MAX_CHARTS)
         self.chart_choice_ = self.chart_choice_ + fits
         return self
