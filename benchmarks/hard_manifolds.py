@@ -9,8 +9,9 @@ variants train on noisy points and are tested on clean ones. Curves: 1000 traini
 tested on a clean 1000-point grid; surfaces: 2000, tested on 2000 new clean points. Each seed
 draws its own training sample. Printed per fit: the charts used (``--experts auto``: chosen by
 ``n_experts="auto"``), fit time, hard FVU, the mean and worst (sup) distance of a test point to
-its hard reconstruction in units of the data's RMS radius, and (auto) each fit's chart count
-and jump ratio: a chart that tears is refitted with one chart more (``moeae.tears``).
+its hard reconstruction in units of the data's RMS radius, and (auto) each fit's chart count,
+jump ratio, training hard FVU and residual agreement: a chart that tears or underfits is
+refitted with one chart more (``moeae.tears``).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def main():
     torch.set_num_threads(1)
     E = args.experts if args.experts == "auto" else int(args.experts)
     print(f"{'case':18s} {'seed':>4s} {'charts':>6s} {'fit s':>6s} {'fvu hard':>9s} "
-          f"{'mean dist':>9s} {'sup dist':>9s}  fits (charts: jump ratio)")
+          f"{'mean dist':>9s} {'sup dist':>9s}  fits (charts: jump, train FVU, agreement, reason)")
     for name in args.only or CASES:
         for seed in range(args.seeds):
             X, X_te, k = CASES[name](seed)
@@ -77,7 +78,8 @@ def main():
             radius = np.sqrt(((X_te - X_te.mean(0)) ** 2).sum(1).mean())
             dist = np.linalg.norm(est.inverse_transform(est.transform(X_te)) - X_te,
                                   axis=1) / radius
-            fits = ", ".join(f"{f['n_charts']}: {f['tear']:.2f}"
+            fits = ", ".join(f"{f['n_charts']}: {f['tear']:.2f} {f['fvu']:.1e} "
+                             f"{f['agreement']:.2f}" + (f" {f['reason']}" if f["reason"] else "")
                              for f in est.chart_choice_ if "tear" in f)
             print(f"{name:18s} {seed:4d} {est.n_charts_:6d} {sec:6.1f} {hard:9.2e} "
                   f"{dist.mean():9.2e} {dist.max():9.2e}  {fits}", flush=True)

@@ -105,6 +105,23 @@ def test_an_underfit_fit_is_refitted_and_its_check_logged():
                    {"n_charts": 3, **checks[1], "reason": None}]
 
 
+@pytest.mark.parametrize("fvus, expect", [
+    ([8e-4, 5e-4, 1e-4], [2, 3]),    # one more chart barely helped: not what it lacks
+    ([3e-3, 1e-3, 6e-4], [2, 3, 4]),  # it more than halved the FVU: one more
+    ([3e-3, 1e-3, 4.5e-4, 1e-5], [2, 3, 4]),  # still at most two refits
+])
+def test_underfit_refits_go_on_only_while_a_chart_more_halves_the_fvu(fvus, expect):
+    calls = []
+
+    def fit(c):
+        calls.append(c)
+        return c, {"tear": 1.2, "fvu": fvus[len(calls) - 1], "agreement": 0.8}
+
+    result, log = untorn(fit, 2, 16)
+    assert calls == expect and result == expect[-1]
+    assert [f["reason"] for f in log] == ["underfit"] * len(expect)
+
+
 def test_residual_agreement_is_one_for_a_shift_and_near_zero_for_noise():
     X = _line(400)
     charts = np.zeros(len(X))
