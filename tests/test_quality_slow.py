@@ -145,6 +145,9 @@ def test_sphere_distances_within_atlasae_s():
     (ds.make_helix, dict(turns=3, pitch=0.3), 1, 4, 1e-4),  # turns 0.3 apart
     (ds.make_moebius, dict(half_twists=1), 2, 3, 1e-3),
     (ds.make_helicoid, dict(turns=2, pitch=0.5), 2, 3, 1e-3),
+    # the graph gives 2 charts; they underfit (hard FVU 8.6e-4, residuals agreeing 0.79) and
+    # the atlas trains 3 (moeae.tears)
+    (ds.make_moebius, dict(half_twists=3), 2, 3, 1e-3),
 ])
 def test_harder_manifolds_with_their_own_chart_count(make, kw, k, charts, limit):
     n = 1000 if k == 1 else 2000
