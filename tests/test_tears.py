@@ -224,13 +224,45 @@ def test_the_command_line_refits_a_torn_automatic_atlas_the_same_way(tmp_path, m
 
 
 def test_the_command_line_says_why_it_refitted_an_underfit_atlas(tmp_path, monkeypatch, capsys):
+    """The message names the reason; underfitting counts unless --epochs cut the budget (the
+    refits themselves are untorn's, tested above: replaced here, nothing trains)."""
+    from types import SimpleNamespace
+
     import moeae.tears
     from moeae.cli import main
 
-    checks = iter([{"tear": 1.2, "fvu": 8.6e-4, "agreement": 0.79},
-                   {"tear": 1.1, "fvu": 4e-5, "agreement": 0.79}])
-    monkeypatch.setattr(moeae.tears, "atlas_check", lambda model, X, **kw: next(checks))
-    assert main(["train", "--data", "circle", "--experts", "auto", "--n-samples", "300",
-                 "--epochs", "2", "--out", str(tmp_path / "run")]) == 0
+    asked = []
+    log = [{"n_charts": 2, "tear": 1.2, "fvu": 8.6e-4, "agreement": 0.79, "reason": "underfit"},
+           {"n_charts": 3, "tear": 1.1, "fvu": 4e-5, "agreement": 0.79, "reason": None}]
+
+    def untorn(fit, n_charts, max_charts, underfit=True):
+        asked.append(underfit)
+        return SimpleNamespace(state=SimpleNamespace(epoch=0, step=0)), log
+
+    monkeypatch.setattr(moeae.tears, "untorn", untorn)
+    args = ["train", "--data", "circle", "--experts", "auto", "--n-samples", "200"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
     assert ("--experts auto: 2 chart(s) underfit (FVU 8.6e-04, residual agreement 0.79): "
             "trained 3") in capsys.readouterr().out
+    assert main(args + ["--out", str(tmp_path / "b"), "--epochs", "2"]) == 0
+    assert asked == [True, False]
+
+
+def test_underfitting_does_not_count_where_the_epochs_were_cut(monkeypatch):
+    """Too few steps underfit whatever the charts: only a tear earns a refit then."""
+    import moeae.estimator
+    from moeae import MoEAutoencoder, datasets
+
+    seen = []
+
+    def check(model, X, **kw):
+        seen.append(int(model.counts[0]))
+        return {"tear": 1.2, "fvu": 8.6e-4, "agreement": 0.79}
+
+    monkeypatch.setattr(moeae.estimator, "atlas_check", check)
+    X, _ = datasets.make_circle(300, random_state=0)
+    est = MoEAutoencoder(n_experts="auto", epochs=2, width=16, depth=2, random_state=0).fit(X)
+    assert seen == [2] and est.chart_choice_[-1]["reason"] is None
+    _, log = untorn(lambda c: (c, {"tear": 1.2, "fvu": 8.6e-4, "agreement": 0.79}), 2, 16,
+                    underfit=False)
+    assert [f["n_charts"] for f in log] == [2]

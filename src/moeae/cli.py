@@ -158,7 +158,9 @@ def cmd_train(args) -> int:
             from .atlas import MAX_CHARTS
             from .tears import untorn
 
-            tr, fits = untorn(fit_with, first, MAX_CHARTS)
+            # underfitting counts at the recipe's budget, not where epochs were cut
+            tr, fits = untorn(fit_with, first, MAX_CHARTS,
+                              underfit=st["train"].get("epochs") is None)
             if ctx.is_main and len(fits) > 1:
                 print("--experts auto: " + ", ".join(
                     f"{f['n_charts']} chart(s) " + (

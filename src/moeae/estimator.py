@@ -52,8 +52,8 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         along the manifold); charts the router never picks after training are then switched
         off. Where a trained chart tears (neighbouring points whose reconstructions jump apart)
         or the charts underfit (hard FVU above 4e-4 with residuals that agree between
-        neighbours, :mod:`moeae.tears`), the fit is repeated with one chart more, at most
-        twice.
+        neighbours, :mod:`moeae.tears`; at the recipe's epochs only), the fit is repeated with
+        one chart more, at most twice.
     latent_dim : int, default=1
         Coordinates per chart; must be smaller than the number of features.
     recipe : {"best", "seed"}, default="best"
@@ -196,7 +196,8 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
             return None, atlas_check(self.model_, X_ref)
 
         # a chart that tears or underfits in training: one chart more (moeae.tears)
-        _, fits = untorn(fit_with, mc.n_experts, MAX_CHARTS)
+        # underfitting counts at the recipe's budget, not where epochs were cut
+        _, fits = untorn(fit_with, mc.n_experts, MAX_CHARTS, underfit=self.epochs is None)
         self.chart_choice_ = self.chart_choice_ + fits
         return self
 

@@ -131,21 +131,24 @@ def atlas_check(model, X, n_neighbors: int = 10, max_points: int = 2000,
             "agreement": residual_agreement(X, codes[:, 0], X_hat, n_neighbors)}
 
 
-def needs_more(check: dict) -> str | None:
+def needs_more(check: dict, underfit: bool = True) -> str | None:
     """Why a checked fit (:func:`atlas_check`) needs one chart more: ``"tore"``,
-    ``"underfit"``, or None."""
+    ``"underfit"`` (only with ``underfit``), or None."""
     if check["tear"] > TEAR_LIMIT:
         return "tore"
-    if check.get("fvu", 0.0) > UNDERFIT_FVU and check.get("agreement", 0.0) > UNDERFIT_AGREEMENT:
+    if underfit and check.get("fvu", 0.0) > UNDERFIT_FVU \
+            and check.get("agreement", 0.0) > UNDERFIT_AGREEMENT:
         return "underfit"
     return None
 
 
 def untorn(fit: Callable[[int], tuple[T, dict]], n_charts: int, max_charts: int,
-           retries: int = RETRIES) -> tuple[T, list[dict]]:
+           retries: int = RETRIES, underfit: bool = True) -> tuple[T, list[dict]]:
     """``fit(c)`` trains with ``c`` charts and returns ``(result, check)`` (a dict as
     :func:`atlas_check` returns). Called with ``n_charts``, then with one chart more while
-    :func:`needs_more` finds a reason, up to ``retries`` times or ``max_charts``; after a
+    :func:`needs_more` finds a reason, up to ``retries`` times or ``max_charts``. ``underfit``
+    False: only tears count (a budget cut below the recipe's underfits for want of steps,
+    which more charts do not give: a circle trained 2 epochs "underfits"). After a
     refit for underfitting, another only where that chart cut the FVU to
     :data:`UNDERFIT_GAIN` of the fit before (else more charts are not what it lacks: the
     turned picture went 6.8e-4, 5.7e-4, 4.2e-4 with 4, 5, 6 charts). Returns the last result
@@ -154,7 +157,7 @@ def untorn(fit: Callable[[int], tuple[T, dict]], n_charts: int, max_charts: int,
     log: list[dict] = []
     for attempt in range(retries + 1):
         result, check = fit(n_charts)
-        reason = needs_more(check)
+        reason = needs_more(check, underfit)
         futile = (reason == "underfit" and bool(log) and log[-1]["reason"] == "underfit"
                   and check["fvu"] > UNDERFIT_GAIN * log[-1]["fvu"])
         log.append({"n_charts": n_charts, **check, "reason": reason})
