@@ -149,3 +149,24 @@ def test_train_isometric_curve_keeps_its_tables_through_the_command_line(tmp_pat
     assert model.arc
     assert np.array_equal(codes, encode(model, Xt))
     assert np.array_equal(np.load(tmp_path / "y.npy"), decode(model, codes))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_arc_length_charts_on_cuda_equal_the_cpu_codes(arc_fit):
+    """The same fitted model (float64) on the GPU: tables, projection and decoding give the
+    CPU's codes and points."""
+    import copy
+
+    Xt, _ = ds.make_circle(500, grid=True)
+    gpu = copy.deepcopy(arc_fit)
+    gpu.model_ = gpu.model_.to("cuda")
+    assert gpu.model_.arc_code.device.type == "cuda"
+    codes = gpu.transform(Xt)
+    ref = arc_fit.transform(Xt)
+    assert np.array_equal(codes[:, 0], ref[:, 0])
+    assert np.allclose(codes[:, 1], ref[:, 1], atol=1e-9)
+    assert np.allclose(gpu.inverse_transform(codes), arc_fit.inverse_transform(ref), atol=1e-9)
+    # tables built on the GPU, as a GPU fit builds them
+    X, _ = ds.make_circle(300, random_state=0)
+    fit = MoEAutoencoder(random_state=0, isometric=True, **{**SHORT, "device": "cuda"}).fit(X)
+    assert fit.model_.arc and fit.reconstruction_error(Xt) < 1e-2
