@@ -258,6 +258,14 @@ class MoEAE(nn.Module):
         q = torch.quantile(torch.cat(own, 1).double(), 0.99, dim=1)
         self.fallback.copy_(gate * q)
 
+    def finish_charts(self, x: torch.Tensor, gate: float, arc_length: bool) -> None:
+        """After training, from the training points x (M, n, d): the router's ``fallback``
+        (:meth:`set_fallback`, ``gate``) and, for a curve with ``arc_length``, arc-length
+        charts (:meth:`set_arc_length`)."""
+        self.set_fallback(x, gate)
+        if arc_length and self.cfg.latent_dim == 1:
+            self.set_arc_length(x)
+
     @torch.no_grad()
     def set_arc_length(self, x: torch.Tensor, chunk: int = 1024) -> None:
         """Make the charts arc-length charts (:func:`moeae.arclength.tables`) from the points

@@ -295,22 +295,15 @@ class Trainer:
             if bar is not None:
                 bar.set_postfix(loss=f"{float(np.mean(st.history[-1])):.3g}")
                 bar.update(1)
-            if epoch + 1 == epochs:  # before the last checkpoint: where the router's chart
-                self._finish_charts(data)  # is checked, arc-length tables
+            if epoch + 1 == epochs and (cfg.fallback_gate > 0 or cfg.arc_length):
+                # before the last checkpoint: the router's fallback, arc-length tables
+                self.model.finish_charts(data.gather(self._rows(data)), cfg.fallback_gate,
+                                         cfg.arc_length)
             if on_epoch_end is not None:
                 on_epoch_end(self)
         if bar is not None:
             bar.close()
         return st
-
-    def _finish_charts(self, data: TrainingData) -> None:
-        """After the last step: the router's fallback, arc-length charts (curves)."""
-        arc = self.cfg.arc_length and self.model.cfg.latent_dim == 1
-        if self.cfg.fallback_gate > 0 or arc:
-            x = data.gather(self._rows(data))
-            self.model.set_fallback(x, self.cfg.fallback_gate)
-            if arc:
-                self.model.set_arc_length(x)
 
     def _rows(self, data: TrainingData, limit: int = 10_000) -> np.ndarray:
         """Each model's rows of the training data that judge it: all, or a fixed sample of
