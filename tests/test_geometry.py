@@ -113,6 +113,19 @@ def test_speed_cv_zero_for_arc_length_and_known_for_a_quadratic():
     assert cv2[0] == pytest.approx(1 / math.sqrt(3), rel=0.01)
 
 
+def test_speed_cv_skips_the_pair_of_a_point_given_twice():
+    """A closed curve's grid that holds t = 0 and t = 2 pi has one point twice (1e-16 apart);
+    codes that differ there by rounding must not count as a speed."""
+    t = np.linspace(0, 2 * np.pi, 1000)  # both ends: the last point is the first again
+    X = np.c_[np.cos(t), np.sin(t)]
+    assert 0 < np.linalg.norm(X[-1] - X[0]) < 1e-12
+    chart = ((t < 1.0) | (t > 5.0)).astype(int)  # the wrap pair (2 pi, 0) lies in chart 1
+    z = ((t + 2 * np.pi * (t < 1.0)) / 4)[:, None]  # speed 1/4 everywhere
+    z[0] = z[-1] + 1e-13  # the same point, coded 1e-13 apart
+    cv = speed_cv(chart, z, X, t, closed=True)
+    assert max(cv.values()) < 1e-3, cv
+
+
 def test_distance_ratio_spread_one_for_scaled_charts_and_large_for_a_stretch():
     rng = np.random.default_rng(0)
     U = rng.uniform(0, 1, (800, 2))

@@ -113,8 +113,10 @@ def speed_cv(chart: np.ndarray, z: np.ndarray, X: np.ndarray, t: np.ndarray,
 
     Points are ordered by their curve parameter t (n,); ``s`` is arc length, measured by the
     chord between consecutive points X (n, d) (a fine test grid). Only consecutive pairs in the
-    same chart count. Returns {chart: CV} for charts with at least ``min_pairs`` pairs; an
-    isometric chart has CV 0.
+    same chart count, and only pairs of distinct points: a grid of a closed curve that holds
+    both ends of its parameter range (``t = 0`` and ``2 pi``) has the same point twice, 1e-16
+    apart, and the ratio of two rounding errors is no speed. Returns {chart: CV} for charts
+    with at least ``min_pairs`` pairs; an isometric chart has CV 0.
     """
     order = np.argsort(t, kind="stable")
     c, zz, xx = chart[order], z[order, 0], X[order]
@@ -123,9 +125,10 @@ def speed_cv(chart: np.ndarray, z: np.ndarray, X: np.ndarray, t: np.ndarray,
     same = c[1:] == c[:-1]
     ds = np.linalg.norm(np.diff(xx, axis=0), axis=1)
     speed = np.abs(np.diff(zz)) / np.maximum(ds, 1e-300)
+    distinct = ds > 1e-9 * np.median(ds)
     out = {}
     for e in np.unique(c):
-        s = speed[same & (c[:-1] == e) & (ds > 0)]
+        s = speed[same & (c[:-1] == e) & distinct]
         if len(s) >= min_pairs:
             with np.errstate(invalid="ignore", over="ignore"):  # NaN for a degenerate chart
                 out[int(e)] = float(s.std() / max(s.mean(), 1e-300))
