@@ -212,18 +212,6 @@ def worst_fold(R: np.ndarray, labels: np.ndarray, n_charts: int) -> np.ndarray:
                      for i in (np.flatnonzero(labels == e) for e in range(n_charts))])
 
 
-def _ranks(z: np.ndarray) -> np.ndarray:
-    """A curve chart's coordinates (n,) -> their ranks spread over [-1, 1], in the same order.
-
-    Geodesic coordinates give each chart's codes in proportion to arc length; by rank they
-    follow the data instead, so the decoder's resolution goes where the points are. The
-    spiral (sampled evenly in its angle, so densely at its tight centre) then keeps its
-    centre: seeds 0-13, hard FVU median 3.3e-5 -> 1.3e-5, better on 11 of 14 seeds, and the
-    worst point closer on 11 of 14; the figure-8 and circle as before."""
-    r = np.argsort(np.argsort(z, kind="stable"), kind="stable")
-    return 2.0 * r / max(len(z) - 1, 1) - 1.0
-
-
 def _geodesic_start(Xs: np.ndarray, k: int, cache: dict | None):
     """The graph of Xs, its clean points, their geodesic embedding (or Xs where the graph is
     degenerate) and geodesic distances (None there), from ``cache`` when it holds them for
@@ -384,8 +372,6 @@ def initial_atlas(X: np.ndarray, n_charts: int, latent_dim: int, seed: int,
             if w[k] > max_extra * w[k - 1]:
                 continue
             z = z[:, :k] - z[:, :k].mean(0)
-            if k == 1:  # a curve's chart: every point an equal share of the codes
-                z = _ranks(z[:, 0])[:, None]
             coords[idx, e] = limit * z / max(float(np.abs(z).max()), 1e-12)
     # every point copies its nearest clean point's chart; coordinates only clean ones keep
     near = cl[NearestNeighbors(n_neighbors=1).fit(Xs[cl]).kneighbors(X)[1][:, 0]]
