@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.stats import spearmanr
@@ -111,6 +112,28 @@ def test_spiral_charts_are_arcs_with_monotone_coordinates():
         z = coords[on, e, 0]
         assert np.isfinite(z).all() and np.abs(z).max() <= 0.8 + 1e-9
         assert abs(spearmanr(z, t[on]).statistic) > 0.999  # unrolled, not folded
+
+
+def test_curve_coordinates_share_the_codes_half_by_arc_length_and_half_by_the_points():
+    from moeae.atlas import _with_ranks
+
+    even = np.linspace(-3.0, 3.0, 7)  # evenly spaced: ranks and arc length agree
+    assert np.allclose(_with_ranks(even), even / 3)
+    z = np.array([-1.0, 0.0, 9.0])  # one point far out: it gets less than its arc length
+    assert np.allclose(_with_ranks(z), [(-1 - 1 / 9) / 2, 0.0, 1.0])
+    # on the spiral (sampled evenly in its angle), the chart holding the centre gives its
+    # innermost stretch (t < 2) the mean of its share of arc length and its share of points
+    X, t = ds.make_spiral(1000, random_state=0)
+    labels, coords = initial_atlas(X, 4, 1, seed=0, coordinates=True)
+    e = int(labels[np.argmin(t)].argmax())
+    on = (labels.argmax(1) == e) & np.isfinite(coords[:, e, 0])
+    z, tt = coords[on, e, 0], t[on]
+    s = 0.5 * (tt * np.sqrt(1 + tt**2) + np.arcsinh(tt))  # the spiral's arc length from 0
+    inner = tt < 2
+    code_share = np.ptp(z[inner]) / np.ptp(z)
+    arc_share, point_share = np.ptp(s[inner]) / np.ptp(s), inner.mean()
+    assert code_share > 1.5 * arc_share, (code_share, arc_share)
+    assert code_share == pytest.approx((arc_share + point_share) / 2, abs=0.03)
 
 
 def test_a_chart_that_closes_on_itself_gets_no_coordinates():

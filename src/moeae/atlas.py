@@ -212,6 +212,22 @@ def worst_fold(R: np.ndarray, labels: np.ndarray, n_charts: int) -> np.ndarray:
                      for i in (np.flatnonzero(labels == e) for e in range(n_charts))])
 
 
+def _with_ranks(z: np.ndarray) -> np.ndarray:
+    """A curve chart's geodesic coordinates (n,) -> the mean of those scaled to [-1, 1] and of
+    their ranks spread over [-1, 1]: the same order, with half the code range shared by arc
+    length and half by the points.
+
+    By arc length alone the spiral (sampled evenly in its angle, so densely at its tight
+    centre) gives its centre too little of the decoder's resolution. Seeds 0-13, paired: hard
+    FVU median 3.3e-5 -> 9.7e-6 and the worst point closer (0.25-1.26 -> 0.19-0.68 away), each
+    on 13 of 14 seeds. By rank alone the spiral gained as much, but on the figure-8 with
+    arc-length codes 4 of 20 seeds rose above a speed CV of 0.05 (a chart's decoder hooked just
+    past its last points), against 1 of 20 with the mean."""
+    r = np.argsort(np.argsort(z, kind="stable"), kind="stable")
+    ranks = 2.0 * r / max(len(z) - 1, 1) - 1.0
+    return 0.5 * (ranks + z / max(float(np.abs(z).max()), 1e-12))
+
+
 def _geodesic_start(Xs: np.ndarray, k: int, cache: dict | None):
     """The graph of Xs, its clean points, their geodesic embedding (or Xs where the graph is
     degenerate) and geodesic distances (None there), from ``cache`` when it holds them for
@@ -372,6 +388,8 @@ def initial_atlas(X: np.ndarray, n_charts: int, latent_dim: int, seed: int,
             if w[k] > max_extra * w[k - 1]:
                 continue
             z = z[:, :k] - z[:, :k].mean(0)
+            if k == 1:  # a curve's chart: codes half by arc length, half by the data's share
+                z = _with_ranks(z[:, 0])[:, None]
             coords[idx, e] = limit * z / max(float(np.abs(z).max()), 1e-12)
     # every point copies its nearest clean point's chart; coordinates only clean ones keep
     near = cl[NearestNeighbors(n_neighbors=1).fit(Xs[cl]).kneighbors(X)[1][:, 0]]
