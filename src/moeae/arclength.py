@@ -12,14 +12,15 @@ monotone table ``s(u)`` (:func:`tables`). A point is then coded by *projection* 
   (:func:`smooth`): a Gaussian-weighted mean of arc length along the traced curve near it, the
   kernel as wide as the point's distance from the curve and at least ``SMOOTH`` knots.
 
-Decoding inverts the table (``u(s)``) and runs the decoder. Measured on the figure-8 (2 charts,
-seed 0, 1000 training points, 1000-point test grid): the worst chart's speed CV is 0.23 with the
-encoder's codes, 0.085 with the encoder's codes put through the table, and 0.045 with projection
-and the nearest chart, and 0.007 smoothed; a piecewise-linear (ReLU) encoder's speed changes from
-one linear piece to the next, which projection does not see, and where the traced curve bends
-away from the data (a kink of the decoder, 0.01 off) the nearest point jumps, which the kernel
-spreads out (seeds 0-19: worst 0.031, against 0.135 unsmoothed). The reparametrisation is exact, so curves need no
-isometry term in training (:func:`moeae.config.isometric_overrides`).
+Decoding inverts the table (``u(s)``) and runs the decoder. Measured on one fit of the figure-8
+(2 charts, seed 0, 1000 training points, 1000-point test grid): the worst chart's speed CV is
+0.042 with projection and the nearest chart, and 0.007 smoothed; the encoder's own codes put
+through the table gave about twice the projection's CV, and unmapped about five times. A
+piecewise-linear (ReLU) encoder's speed changes from one linear piece to the next, which
+projection does not see; where the traced curve bends away from the data (a kink of the
+decoder, 0.01-0.02 off) the nearest point jumps, which the kernel spreads out (the same fits,
+seeds 0-19: worst 0.135 -> 0.031). The reparametrisation is exact, so curves need no isometry
+term in training (:func:`moeae.config.isometric_overrides`).
 
 Dimension legend: ``M`` models, ``E`` experts per model, ``G`` experts of the population,
 ``B`` points, ``T`` knots of a table, ``d`` data width.
