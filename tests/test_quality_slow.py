@@ -59,7 +59,8 @@ def _lissajous(n, random_state=None, grid=False):
 
 
 @pytest.mark.xfail(reason="known gap: a curve with many crossings (a 3:2 Lissajous figure) and 4 "
-                          "charts reached 2.9e-3 with 6 arcs in a chart", strict=False)
+                          "charts: seeds 0-5 gave 6.4e-5 to 1.9e-3 with 6-8 arcs in a chart "
+                          "(session 10; seed 0 passes, 9.8e-5)", strict=False)
 def test_untuned_curve_with_crossings():
     X, _ = _lissajous(1000, random_state=0)
     X_te, _ = _lissajous(1000, grid=True)
