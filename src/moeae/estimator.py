@@ -79,9 +79,9 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         of the nearest chart's curve (smoothed along it), for True or any weight > 0.
         Surfaces: training terms (:mod:`moeae.geometry`) by which each decoder keeps lengths up
         to one scale per chart (``J^T J = s_e^2 I``), with a folding guard keeping its stretch
-        within a band around that scale; True uses weight ``moeae.config.ISOMETRIC_WEIGHT`` (1) for both terms, a
-        float sets the weight. False turns either off; None (default) keeps the recipe's
-        choice.
+        within a band around that scale; True uses weight ``moeae.config.ISOMETRIC_WEIGHT``
+        (1) for both terms, a float sets the weight. False turns either off; None (default)
+        keeps the recipe's choice.
     device : {"auto", "cpu", "cuda"}, default="auto"
     random_state : int or None, default=None
         Seed of initialisation, shuffling and dropout. None draws one from numpy's global RNG.
