@@ -36,6 +36,10 @@ def test_interp_matches_numpy_inside_and_extends_the_end_segments():
     assert got[0, 3] == pytest.approx(-2.0)  # slope 2 before 0
     assert got[1, 2] == pytest.approx(-2.0)
     assert got[1, 3] == pytest.approx(6.0)
+    # points (a polyline): each coordinate as its own row of values
+    pts = torch.stack([yk, 2 * yk + 1], -1)  # (G, T, 2)
+    both = interp(q, xk, pts).numpy()
+    assert np.allclose(both[..., 0], got) and np.allclose(both[..., 1], 2 * got + 1)
 
 
 def test_isometric_curves_get_arc_length_charts_not_training_terms(arc_fit):

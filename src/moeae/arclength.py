@@ -45,12 +45,18 @@ REACH, SAMPLES = 4.0, 33  #: the kernel is sampled at SAMPLES points within REAC
 
 def interp(q: torch.Tensor, xk: torch.Tensor, yk: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear interpolation of each row: q (G, B) at knots xk (G, T) (increasing)
-    with values yk (G, T); linear beyond the ends (the end segments extended)."""
-    T = xk.shape[1]
+    with values yk (G, T) or (G, T, ...) (points: a polyline); linear beyond the ends (the end
+    segments extended)."""
+    T, rest = xk.shape[1], yk.shape[2:]
     i = torch.searchsorted(xk.contiguous(), q.contiguous()).clamp(1, T - 1)
     x0, x1 = xk.gather(1, i - 1), xk.gather(1, i)
-    y0, y1 = yk.gather(1, i - 1), yk.gather(1, i)
-    return y0 + (q - x0) / (x1 - x0).clamp_min(1e-300) * (y1 - y0)
+    f = (q - x0) / (x1 - x0).clamp_min(1e-300)
+
+    def at(j: torch.Tensor) -> torch.Tensor:
+        return yk.gather(1, j.view(*j.shape, *[1] * len(rest)).expand(*j.shape, *rest))
+
+    y0 = at(i - 1)
+    return y0 + f.view(*f.shape, *[1] * len(rest)) * (at(i) - y0)
 
 
 @torch.no_grad()
@@ -125,17 +131,6 @@ def project(model, x: torch.Tensor, steps: int = STEPS
     return chart, x_hat, s, dist2
 
 
-def _along(length: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Points at arc lengths s (G, N) of the polylines y (G, T, d) whose knots lie at arc
-    lengths ``length`` (G, T); the end segments extended beyond the ends."""
-    T, d = y.shape[1:]
-    i = torch.searchsorted(length.contiguous(), s.contiguous()).clamp(1, T - 1)
-    l0, l1 = length.gather(1, i - 1), length.gather(1, i)
-    f = ((s - l0) / (l1 - l0).clamp_min(1e-300))[..., None]
-    y0 = y.gather(1, (i - 1)[..., None].expand(-1, -1, d))
-    return y0 + f * (y.gather(1, i[..., None].expand(-1, -1, d)) - y0)
-
-
 @torch.no_grad()
 def smooth(model, x: torch.Tensor, s: torch.Tensor, dist2: torch.Tensor) -> torch.Tensor:
     """Arc-length codes s (G, B) of the points x (M, B, d), smoothed along each chart's traced
@@ -159,7 +154,7 @@ def smooth(model, x: torch.Tensor, s: torch.Tensor, dist2: torch.Tensor) -> torc
     chunk = max(1, 2**22 // (G * SAMPLES * d))  # points per pass, bounding the (G, b, K, d) samples
     for a in range(0, B, chunk):
         sk = s[:, a:a + chunk, None] + h[:, a:a + chunk, None] * offsets  # (G, b, K)
-        yk = _along(length, y, sk.flatten(1)).view(*sk.shape, d)
+        yk = interp(sk.flatten(1), length, y).view(*sk.shape, d)  # along the polyline
         d2 = ((yk - xg[:, a:a + chunk, None]) ** 2).sum(-1)  # (G, b, K)
         w = torch.exp(-(d2 - d2.amin(-1, keepdim=True)) / (2 * h[:, a:a + chunk, None] ** 2))
         out[:, a:a + chunk] = (w * sk).sum(-1) / w.sum(-1)
