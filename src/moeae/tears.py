@@ -107,12 +107,8 @@ def _sample(X, max_points: int, seed: int) -> np.ndarray:
 def tear_ratio(model, X, n_neighbors: int = 10, max_points: int = 2000, seed: int = 0) -> float:
     """:func:`jump_ratio` of a trained model (a population of one) on points X (an array or
     memory map), or on a seeded sample of ``max_points`` of them; each point decoded by the
-    chart it is encoded in."""
-    from .run import decode, encode
-
-    X = _sample(X, max_points, seed)
-    codes = encode(model, X)
-    return jump_ratio(X, codes[:, 0], decode(model, codes), n_neighbors)
+    chart it is encoded in (the ``tear`` of :func:`atlas_check`)."""
+    return atlas_check(model, X, n_neighbors, max_points, seed)["tear"]
 
 
 def atlas_check(model, X, n_neighbors: int = 10, max_points: int = 2000,
@@ -120,14 +116,13 @@ def atlas_check(model, X, n_neighbors: int = 10, max_points: int = 2000,
     """What decides whether a trained model needs one chart more, on points X (or a seeded
     sample of ``max_points`` of them): ``tear`` (:func:`jump_ratio`), ``fvu`` (hard) and
     ``agreement`` (:func:`residual_agreement`)."""
+    from .metrics import fvu
     from .run import decode, encode
 
     X = _sample(X, max_points, seed)
     codes = encode(model, X)
     X_hat = decode(model, codes)
-    total = float(((X - X.mean(0)) ** 2).sum())
-    return {"tear": jump_ratio(X, codes[:, 0], X_hat, n_neighbors),
-            "fvu": float(((X - X_hat) ** 2).sum()) / max(total, np.finfo(np.float64).tiny),
+    return {"tear": jump_ratio(X, codes[:, 0], X_hat, n_neighbors), "fvu": fvu(X, X_hat),
             "agreement": residual_agreement(X, codes[:, 0], X_hat, n_neighbors)}
 
 
