@@ -51,8 +51,9 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         flat in ``latent_dim`` coordinates and holds no points close in space but far apart
         along the manifold); charts the router never picks after training are then switched
         off. Where a trained chart tears (neighbouring points whose reconstructions jump apart)
-        or the charts underfit (hard FVU above 4e-4 with residuals that agree between
-        neighbours, :mod:`moeae.tears`; at the recipe's epochs only), the fit is repeated with
+        or the charts underfit (hard FVU above 1e-4 for curves, 4e-4 for surfaces, with
+        residuals that agree along the chart, :mod:`moeae.tears`; at the recipe's epochs
+        only), the fit is repeated with
         one chart more, at most twice.
     latent_dim : int, default=1
         Coordinates per chart; must be smaller than the number of features.
