@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from moeae.tears import (TEAR_LIMIT, fvu_limit, jump_ratio, needs_more, residual_agreement,
-                         untorn)
+from moeae.tears import TEAR_LIMIT, fvu_limit, jump_ratio, needs_more, residual_agreement, untorn
 
 
 def _line(n=200):
@@ -292,6 +291,6 @@ def test_underfitting_does_not_count_where_the_epochs_were_cut(monkeypatch):
     X, _ = datasets.make_circle(300, random_state=0)
     est = MoEAutoencoder(n_experts="auto", epochs=2, width=16, depth=2, random_state=0).fit(X)
     assert seen == [2] and est.chart_choice_[-1]["reason"] is None
-    _, log = untorn(lambda c: (c, {"tear": 1.2, "fvu": 8.6e-4, "fvu_limit": 4e-4, "agreement": 0.79}), 2, 16,
-                    underfit=False)
+    under = {"tear": 1.2, "fvu": 8.6e-4, "fvu_limit": 4e-4, "agreement": 0.79}
+    _, log = untorn(lambda c: (c, under), 2, 16, underfit=False)
     assert [f["n_charts"] for f in log] == [2]

@@ -26,7 +26,7 @@ residuals agreed by 0.53 on a noisy circle where they disagree along the chart (
 on the training points of automatic fits (seed 0; FVU, agreement):
 
 - underfit: an epicycloid with 3 cusps, 2 charts: 2.2e-4, 0.98 (test FVU 2.6e-4); the band with
-  3 half twists, 2 charts: 8.6e-4, 0.72 (3 charts: 3.9e-5); the turned picture, 4 charts:
+  3 half twists, 2 charts: 8.6e-4, 0.73 (3 charts: 3.9e-5); the turned picture, 4 charts:
   7.5e-4, 0.83;
 - noise: circle (0.05) 2.5e-3, 0.07; helix (0.01) 2.0e-4, -0.06; S-curve (0.1) 3.0e-3, 0.17;
   swiss roll (0.5) 2.0e-3, 0.02; the digits (6 charts) 0.19, -0.02;
