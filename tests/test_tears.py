@@ -270,7 +270,7 @@ def test_the_command_line_says_why_it_refitted_an_underfit_atlas(tmp_path, monke
     monkeypatch.setattr(moeae.tears, "untorn", untorn)
     args = ["train", "--data", "circle", "--experts", "auto", "--n-samples", "200"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
-    assert ("--experts auto: 2 chart(s) underfit (FVU 8.6e-04, residual agreement 0.79): "
+    assert ("--experts auto: 2 chart(s) underfit (FVU 8.6e-04 > 4e-04, residuals agreeing 0.79): "
             "trained 3") in capsys.readouterr().out
     assert main(args + ["--out", str(tmp_path / "b"), "--epochs", "2"]) == 0
     assert asked == [True, False]

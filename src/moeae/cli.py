@@ -165,8 +165,8 @@ def cmd_train(args) -> int:
                 print("--experts auto: " + ", ".join(
                     f"{f['n_charts']} chart(s) " + (
                         f"tore (jump {f['tear']:.1f})" if f["reason"] == "tore" else
-                        f"underfit (FVU {f['fvu']:.1e}, residual agreement "
-                        f"{f['agreement']:.2f})") for f in fits[:-1])
+                        f"underfit (FVU {f['fvu']:.1e} > {f['fvu_limit']:.0e}, residuals "
+                        f"agreeing {f['agreement']:.2f})") for f in fits[:-1])
                     + f": trained {fits[-1]['n_charts']}")
         else:
             tr, _ = fit_with(first)
