@@ -23,7 +23,7 @@ import torch
 
 def sphere_pieces(n: int = 2000) -> list[tuple[object, np.ndarray]]:
     from moeae import datasets as ds
-    from moeae.atlas import neighbour_graph
+    from moeae.graph import neighbour_graph
 
     X, _ = ds.make_sphere(n, random_state=0)
     pieces = []

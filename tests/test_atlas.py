@@ -15,8 +15,8 @@ from moeae.atlas import (
     geodesic_embedding,
     initial_atlas,
     landmark_embedding,
-    neighbour_graph,
 )
+from moeae.graph import neighbour_graph
 from moeae.metrics import chart_shape
 
 
@@ -37,6 +37,50 @@ def test_figure8_graph_does_not_cross_at_the_waist():
         assert cross_branch_edges(graph, t, 2 * np.pi) == 0
         assert 0.97 * len(X) <= clean.sum() < len(X)  # a few points at the crossing left out
         assert connected_components(graph[clean][:, clean], directed=False)[0] == 1
+
+
+def _noisy_figure8(noise=0.01, seed=0):
+    X, t = ds.make_figure8(1000, random_state=seed)
+    return X + noise * np.random.default_rng(seed + 1000).standard_normal(X.shape), t
+
+
+def test_a_noisy_figure8_graph_is_filtered_on_smoothed_points():
+    """Noise 0.01 (points 0.006 apart along the curve): no tangent is found among a point's 10
+    nearest, and the plain graph crosses at the waist; smoothed, the filter holds."""
+    X, t = _noisy_figure8()
+    graph, clean = neighbour_graph(X, 10, 1, smoothing=0)
+    assert clean.all() and cross_branch_edges(graph, t, 2 * np.pi) > 0
+    graph, clean = neighbour_graph(X, 10, 1)
+    assert cross_branch_edges(graph, t, 2 * np.pi) == 0
+    assert 0.8 * len(X) <= clean.sum() < len(X)
+    waist = np.linalg.norm(X, axis=1) < 0.05
+    assert waist.sum() > 10 and not clean[waist].any() and clean[~waist].mean() > 0.8
+    assert connected_components(graph[clean][:, clean], directed=False)[0] == 1
+    # an independent computation: the edges are as long as between the points smoothed by
+    # some number of steps, each the mean of the point's 10 nearest and itself
+    from sklearn.neighbors import NearestNeighbors
+
+    nn = NearestNeighbors(n_neighbors=11).fit(X).kneighbors(X)[1]
+    g = graph.tocoo()
+    Y, matches = X, []
+    for _ in range(10):
+        Y = np.stack([Y[row].mean(0) for row in nn])
+        matches.append(np.allclose(g.data, np.linalg.norm(Y[g.row] - Y[g.col], axis=1)))
+    assert sum(matches) == 1
+
+
+def test_clean_data_are_never_smoothed():
+    X, _ = ds.make_figure8(1000, random_state=0)
+    a, clean_a = neighbour_graph(X, 10, 1)
+    b, clean_b = neighbour_graph(X, 10, 1, smoothing=0)
+    assert (a != b).nnz == 0 and (clean_a == clean_b).all()
+
+
+def test_a_noisy_figure8_gets_its_two_charts():
+    from moeae.atlas import auto_charts
+
+    assert auto_charts(_noisy_figure8(0.01)[0], 1, 0)[0] == 2  # the plain graph gave 15
+    assert auto_charts(_noisy_figure8(0.02)[0], 1, 0)[0] == 2  # and 10
 
 
 def test_noisy_or_high_dimensional_data_keeps_the_plain_graph():

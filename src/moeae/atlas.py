@@ -4,11 +4,11 @@ Both come from geodesic distances along the data (Isomap, Tenenbaum et al. 2000)
 paths in a k-nearest-neighbour graph, then classical MDS. Two things make that graph follow the
 manifold rather than the ambient space:
 
-- *tangent filtering*: an edge is kept only when it runs along the local tangent space at
-  both of its ends (estimated by PCA of each point's neighbours). Where a curve crosses itself
-  (the figure-8's waist), plain k-NN edges jump between the branches and geodesics take the
-  shortcut; filtered edges do not. If filtering would split the graph, the plain graph is
-  used (noisy or high-dimensional data, where tangents are poorly estimated).
+- *tangent filtering* ({mod}`moeae.graph`): an edge is kept only when it runs along the local
+  tangent space at both of its ends (estimated by PCA of each point's neighbours). Where a
+  curve crosses itself (the figure-8's waist), plain k-NN edges jump between the branches and
+  geodesics take the shortcut; filtered edges do not. Noisy points are smoothed until the
+  filter holds; where it never does, the plain graph is used.
 - *charts from lengths*: k-means on the embedding cuts the manifold into contiguous pieces of
   similar length (a spectral embedding balances point counts instead: on the spiral its outer
   chart held 60% of the length and folded).
@@ -25,82 +25,13 @@ import warnings
 
 import numpy as np
 
-__all__ = ["neighbour_graph", "geodesic_embedding", "landmark_embedding", "align_coordinates",
+from .graph import neighbour_graph
+
+__all__ = ["geodesic_embedding", "landmark_embedding", "align_coordinates",
            "initial_atlas", "choose_charts", "auto_charts", "clean_points", "fold_ratios",
            "worst_fold", "geodesic_distances", "classical_mds", "MAX_CHARTS"]
 
 MAX_CHARTS = 16  # the most charts n_experts="auto" gives
-
-
-def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: float = 0.2,
-                    min_alignment: float = 0.9, reach: int = 5) -> tuple:
-    """A graph along the manifold: ``(graph, clean)``, a symmetric sparse (n, n) matrix of edge
-    lengths and a mask of the points that have edges.
-
-    Each point's tangent space is the top ``dim`` principal directions of its ``n_neighbors``
-    nearest neighbours. A point is *ambiguous* when the next singular value exceeds
-    ``max_ambiguity`` times the last tangent one (two branches through a crossing, or noise)
-    and gets no edges. Clean points connect to those of their ``reach * n_neighbors`` nearest
-    clean points that lie along the tangent space at both ends (cosine >= ``min_alignment``)
-    and stray from it by no more than the larger of the two ends' neighbourhood radii (two
-    turns of a coil that nearly touch are not joined by a long, shallow edge); this bridges
-    the gap the ambiguous points leave along each branch but not across. (Reach 3 left the
-    figure-8's loop broken at its waist on some samples: a chain, not a loop.)
-    When too few points are clean (< 80%) or the filtered graph has more components than the
-    plain k-NN graph, the plain graph is returned with every point clean.
-    """
-    from scipy.sparse.csgraph import connected_components
-    from sklearn.neighbors import NearestNeighbors
-
-    n = len(X)
-    k = min(n_neighbors, n - 1)
-    dist0, nn = NearestNeighbors(n_neighbors=k + 1).fit(X).kneighbors(X)
-    plain = _graph(np.repeat(np.arange(n), k), nn[:, 1:].ravel(), dist0[:, 1:].ravel(), n)
-    everyone = np.ones(n, dtype=bool)
-    if dim >= X.shape[1] or k <= dim + 1:
-        return plain, everyone
-    nb = X[nn[:, 1:]] - X[nn[:, 1:]].mean(1, keepdims=True)  # (n, k, d)
-    _, sv, vt = np.linalg.svd(nb, full_matrices=False)
-    clean = sv[:, dim] <= max_ambiguity * sv[:, dim - 1]
-    if clean.sum() < 0.8 * n:
-        return plain, everyone
-    tangent = vt[:, :dim]  # (n, dim, d)
-    idx = np.flatnonzero(clean)
-    kk = min(reach * k, len(idx) - 1)
-    dist, nn = NearestNeighbors(n_neighbors=kk + 1).fit(X[idx]).kneighbors(X[idx])
-    rows, cols = np.repeat(idx, kk), idx[nn[:, 1:].ravel()]
-    v = X[cols] - X[rows]
-    norm = np.linalg.norm(v, axis=1).clip(1e-300)
-    coords = np.einsum("ekd,ed->ek", tangent[rows], v)  # the edge in i's tangent coordinates
-    along_i = np.linalg.norm(coords, axis=1) / norm
-    along_j = np.linalg.norm(np.einsum("ekd,ed->ek", tangent[cols], v), axis=1) / norm
-    radius = dist0[:, -1]  # each point's distance to its k-th neighbour
-    stray = np.sqrt(np.clip(1 - np.minimum(along_i, along_j) ** 2, 0, None)) * norm
-    keep = ((along_i >= min_alignment) & (along_j >= min_alignment)
-            & (stray <= np.maximum(radius[rows], radius[cols])))
-    # each point keeps its nearest few kept edges in each orthant of its tangent space (along
-    # a curve: each side): gaps are still bridged, and shortest paths stay cheap (every kept
-    # edge of 1000 figure-8 points: 2.1 s of shortest paths)
-    orthant = ((coords > 0) * (2 ** np.arange(dim))).sum(1).reshape(len(idx), kk)
-    keep = keep.reshape(len(idx), kk)
-    few = np.zeros_like(keep)
-    per = -(-k // 2**dim) + 1
-    for o in range(2**dim):
-        mine = keep & (orthant == o)
-        few |= mine & (np.cumsum(mine, axis=1) <= per)
-    keep = few.ravel()
-    graph = _graph(rows[keep], cols[keep], dist[:, 1:].ravel()[keep], n)
-    parts = connected_components(graph[idx][:, idx], directed=False)[0]
-    if parts > connected_components(plain, directed=False)[0]:
-        return plain, everyone
-    return graph, clean
-
-
-def _graph(rows, cols, lengths, n):
-    from scipy.sparse import csr_matrix
-
-    g = csr_matrix((lengths, (rows, cols)), shape=(n, n))
-    return g.maximum(g.T)
 
 
 def geodesic_distances(graph, indices=None) -> np.ndarray:
