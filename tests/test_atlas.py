@@ -79,8 +79,9 @@ def test_clean_data_are_never_smoothed():
 def test_a_noisy_figure8_gets_its_two_charts():
     from moeae.atlas import auto_charts
 
-    assert auto_charts(_noisy_figure8(0.01)[0], 1, 0)[0] == 2  # the plain graph gave 15
-    assert auto_charts(_noisy_figure8(0.02)[0], 1, 0)[0] == 2  # and 10
+    assert auto_charts(_noisy_figure8(0.01)[0], 1, 0)[0] == 2  # the plain graph gave 15,
+    assert auto_charts(_noisy_figure8(0.02)[0], 1, 0)[0] == 2  # 10
+    assert auto_charts(_noisy_figure8(0.05)[0], 1, 0)[0] == 2  # and 13 (smoothed over 30)
 
 
 def test_noisy_or_high_dimensional_data_keeps_the_plain_graph():
