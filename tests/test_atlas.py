@@ -69,6 +69,17 @@ def test_a_noisy_figure8_graph_is_filtered_on_smoothed_points():
     assert sum(matches) == 1
 
 
+def test_a_smoothed_graph_has_no_more_pieces_than_the_data():
+    """Smoothing pulls a noisy spiral's sparse outer turns apart: counted against the smoothed
+    points' own plain graph, its graph came in 5 pieces (and the spiral got 8 charts)."""
+    X, _ = ds.make_spiral(1000, random_state=0)
+    X = X + 0.1 * np.random.default_rng(1000).standard_normal(X.shape)
+    assert connected_components(kneighbors_graph(X, 10), directed=False)[0] == 1
+    graph, clean = neighbour_graph(X, 10, 1)
+    assert 0.8 * len(X) <= clean.sum() < len(X)  # filtered, on smoothed points
+    assert connected_components(graph[clean][:, clean], directed=False)[0] == 1
+
+
 def test_clean_data_are_never_smoothed():
     X, _ = ds.make_figure8(1000, random_state=0)
     a, clean_a = neighbour_graph(X, 10, 1)

@@ -46,9 +46,11 @@ def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: fl
     than the plain k-NN graph. It is then tried on the points smoothed 1, 2, ...,
     ``smoothing`` times (each the mean of its ``n_neighbors`` nearest and itself), then again
     over :data:`WIDER` times as many neighbours, and the first graph that holds is returned,
-    its edges as long as between the smoothed points; else the plain graph of X, with every
-    point clean.
+    its edges as long as between the smoothed points (its components no more than those of
+    X's plain graph: smoothing can pull a sparse stretch apart); else the plain graph of X,
+    with every point clean.
     """
+    from scipy.sparse.csgraph import connected_components
     from sklearn.neighbors import NearestNeighbors
 
     n = len(X)
@@ -57,23 +59,25 @@ def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: fl
     if found is not None:
         return found
     if dim < X.shape[1] and k > dim + 1:
+        parts = connected_components(plain, directed=False)[0]  # of the data, not smoothed
         for width in (k, min(WIDER * k, n - 1)):
             nn = NearestNeighbors(n_neighbors=width + 1).fit(X).kneighbors(X)[1]
             Y = np.asarray(X, dtype=np.float64)
             for _ in range(smoothing):
                 Y = Y[nn].mean(1)
-                _, found = _filtered(Y, k, dim, max_ambiguity, min_alignment, reach)
+                _, found = _filtered(Y, k, dim, max_ambiguity, min_alignment, reach, parts)
                 if found is not None:
                     return found
     return plain, np.ones(n, dtype=bool)
 
 
 def _filtered(X: np.ndarray, k: int, dim: int, max_ambiguity: float, min_alignment: float,
-              reach: int) -> tuple:
+              reach: int, parts: int | None = None) -> tuple:
     """``(plain, (graph, clean))``: the plain k-NN graph of X and the tangent-filtered one
-    with its clean points, or ``(plain, None)`` where the filter fails; the plain graph alone
-    where no tangent can be estimated (``dim`` >= the data's width, or too few neighbours),
-    as ``(plain, (plain, every point))``."""
+    with its clean points, or ``(plain, None)`` where the filter fails (more components than
+    ``parts``, by default the plain graph's); the plain graph alone where no tangent can be
+    estimated (``dim`` >= the data's width, or too few neighbours), as ``(plain, (plain,
+    every point))``."""
     from scipy.sparse.csgraph import connected_components
     from sklearn.neighbors import NearestNeighbors
 
@@ -113,8 +117,9 @@ def _filtered(X: np.ndarray, k: int, dim: int, max_ambiguity: float, min_alignme
         few |= mine & (np.cumsum(mine, axis=1) <= per)
     keep = few.ravel()
     graph = _graph(rows[keep], cols[keep], dist[:, 1:].ravel()[keep], n)
-    parts = connected_components(graph[idx][:, idx], directed=False)[0]
-    if parts > connected_components(plain, directed=False)[0]:
+    if parts is None:
+        parts = connected_components(plain, directed=False)[0]
+    if connected_components(graph[idx][:, idx], directed=False)[0] > parts:
         return plain, None
     return plain, (graph, clean)
 
