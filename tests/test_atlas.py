@@ -80,6 +80,15 @@ def test_a_smoothed_graph_has_no_more_pieces_than_the_data():
     assert connected_components(graph[clean][:, clean], directed=False)[0] == 1
 
 
+def test_small_data_are_never_smoothed_into_a_point():
+    """Smoothing averages at most a tenth of the points: 30 points averaged over 30 neighbours
+    became one point, whose graph had edges of length 0 (the fit then diverged)."""
+    X = np.random.default_rng(0).uniform(size=(30, 3))
+    graph, clean = neighbour_graph(X, 7, 1)
+    plain = kneighbors_graph(X, 7, mode="distance")
+    assert clean.all() and (graph != plain.maximum(plain.T)).nnz == 0
+
+
 def test_clean_data_are_never_smoothed():
     X, _ = ds.make_figure8(1000, random_state=0)
     a, clean_a = neighbour_graph(X, 10, 1)

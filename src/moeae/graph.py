@@ -45,7 +45,8 @@ def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: fl
     The filter fails when too few points are clean (< 80%) or its graph has more components
     than the plain k-NN graph. It is then tried on the points smoothed 1, 2, ...,
     ``smoothing`` times (each the mean of its ``n_neighbors`` nearest and itself), then again
-    over :data:`WIDER` times as many neighbours, and the first graph that holds is returned,
+    over :data:`WIDER` times as many neighbours (each only where it is at most a tenth of the
+    points), and the first graph that holds is returned,
     its edges as long as between the smoothed points (its components no more than those of
     X's plain graph: smoothing can pull a sparse stretch apart); else the plain graph of X,
     with every point clean.
@@ -60,7 +61,9 @@ def neighbour_graph(X: np.ndarray, n_neighbors: int, dim: int, max_ambiguity: fl
         return found
     if dim < X.shape[1] and k > dim + 1:
         parts = connected_components(plain, directed=False)[0]  # of the data, not smoothed
-        for width in (k, min(WIDER * k, n - 1)):
+        # a neighbourhood of at most a tenth of the data, else smoothing shrinks the data
+        # itself (30 points averaged over 29 are one point)
+        for width in [w for w in (k, WIDER * k) if w <= n // 10]:
             nn = NearestNeighbors(n_neighbors=width + 1).fit(X).kneighbors(X)[1]
             Y = np.asarray(X, dtype=np.float64)
             for _ in range(smoothing):
