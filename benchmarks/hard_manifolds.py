@@ -4,14 +4,15 @@
 
 Coils whose turns nearly touch, a spiral ramp, twisted bands (one and three half twists:
 non-orientable), a picture turned through a full turn (a closed curve in 576-D), a blob
-shifted across a wrapping picture (a torus in 256-D) and scikit-learn's S-curve; noisy
-variants train on noisy points and are tested on clean ones. Curves: 1000 training points,
-tested on a clean 1000-point grid; surfaces: 2000, tested on 2000 new clean points. Each seed
-draws its own training sample. Printed per fit: the charts used (``--experts auto``: chosen by
-``n_experts="auto"``), fit time, hard FVU, the mean and worst (sup) distance of a test point to
-its hard reconstruction in units of the data's RMS radius, and (auto) each fit's chart count,
-jump ratio, training hard FVU and residual agreement: a chart that tears or underfits is
-refitted with one chart more (``moeae.tears``).
+shifted across a wrapping picture (a torus in 256-D) and scikit-learn's S-curve; then shapes
+never used while tuning: an epicycloid's cusps, noisy figure-8s and trefoil, a Klein bottle in
+4-D. Noisy variants train on noisy points and are tested on clean ones. Curves: 1000 training
+points, tested on a clean 1000-point grid; surfaces: 2000, tested on 2000 new clean points.
+Each seed draws its own training sample. Printed per fit: the charts used (``--experts auto``:
+chosen by ``n_experts="auto"``), fit time, hard FVU, the mean and worst (sup) distance of a
+test point to its hard reconstruction in units of the data's RMS radius, and (auto) each fit's
+chart count, jump ratio, training hard FVU and residual agreement: a chart that tears or
+underfits is refitted with one chart more (``moeae.tears``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,23 @@ def surface(make, noise=0.0, **kw):
     return run
 
 
+def make_epicycloid(n, random_state=None, grid=False):
+    """An epicycloid with 3 cusps, ``(4 cos t - cos 4t, 4 sin t - sin 4t)``."""
+    t = (np.linspace(0, 2 * np.pi, n) if grid
+         else np.random.default_rng(random_state).uniform(0, 2 * np.pi, n))
+    return np.c_[4 * np.cos(t) - np.cos(4 * t), 4 * np.sin(t) - np.sin(4 * t)], t
+
+
+def make_klein_bottle(n, random_state=None):
+    """The flat Klein bottle's usual embedding in 4-D (non-orientable, closed)."""
+    u, v = np.random.default_rng(random_state).uniform(0, 2 * np.pi, (2, n))
+    bump = 1 + 0.1 * np.sin(v)
+    X = np.c_[np.cos(u / 2) * np.cos(v) - np.sin(u / 2) * np.sin(2 * v),
+              np.sin(u / 2) * np.cos(v) + np.cos(u / 2) * np.sin(2 * v),
+              0.5 * np.cos(u) * bump, 0.5 * np.sin(u) * bump]
+    return X, np.c_[u, v]
+
+
 CASES = {
     "helix-tight": curve(ds.make_helix, turns=3, pitch=0.3),
     "helix-noisy": curve(ds.make_helix, noise=0.01, turns=3, pitch=0.3),
@@ -55,6 +73,12 @@ CASES = {
     "band-3-twists": surface(ds.make_moebius, half_twists=3),
     "shifting-picture": surface(ds.make_shifting_picture),
     "s-curve": surface(ds.make_s_curve),  # not tuned for: one chart tears (moeae.tears)
+    # never used while tuning (session 11): cusps underfit 2 charts; noise hides the tangents
+    "epicycloid": curve(make_epicycloid),
+    "figure8-noisy": curve(ds.make_figure8, noise=0.02),
+    "figure8-noisier": curve(ds.make_figure8, noise=0.05),
+    "trefoil-noisy": curve(ds.make_trefoil, noise=0.05),
+    "klein-bottle": surface(make_klein_bottle),
 }
 
 
