@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy.sparse import csr_matrix
@@ -94,6 +96,19 @@ def test_clean_data_are_never_smoothed():
     a, clean_a = neighbour_graph(X, 10, 1)
     b, clean_b = neighbour_graph(X, 10, 1, smoothing=0)
     assert (a != b).nnz == 0 and (clean_a == clean_b).all()
+
+
+def test_repeated_float32_points_build_the_graph_without_a_warning():
+    """Every point twice, in float32 (what a fit hands the atlas): edges of length 0 were
+    divided by 1e-300, which is 0 in float32 ("invalid value encountered in divide"). The
+    graph is the one of the points without their copies."""
+    X, _ = ds.make_figure8(500, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph, clean = neighbour_graph(np.repeat(X, 2, 0).astype(np.float32), 10, 1)
+    assert clean.mean() > 0.8 and graph.nnz > 0
+    assert connected_components(graph[clean][:, clean], directed=False)[0] == 1
+    assert np.isfinite(graph.data).all() and graph.data.min() > 0  # no edge to a copy
 
 
 def test_a_noisy_figure8_gets_its_two_charts():

@@ -50,7 +50,7 @@ def interp(q: torch.Tensor, xk: torch.Tensor, yk: torch.Tensor) -> torch.Tensor:
     T, rest = xk.shape[1], yk.shape[2:]
     i = torch.searchsorted(xk.contiguous(), q.contiguous()).clamp(1, T - 1)
     x0, x1 = xk.gather(1, i - 1), xk.gather(1, i)
-    f = (q - x0) / (x1 - x0).clamp_min(1e-300)
+    f = (q - x0) / (x1 - x0).clamp_min(torch.finfo(xk.dtype).tiny)
 
     def at(j: torch.Tensor) -> torch.Tensor:
         return yk.gather(1, j.view(*j.shape, *[1] * len(rest)).expand(*j.shape, *rest))

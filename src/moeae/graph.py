@@ -100,7 +100,9 @@ def _filtered(X: np.ndarray, k: int, dim: int, max_ambiguity: float, min_alignme
     dist, nn = NearestNeighbors(n_neighbors=kk + 1).fit(X[idx]).kneighbors(X[idx])
     rows, cols = np.repeat(idx, kk), idx[nn[:, 1:].ravel()]
     v = X[cols] - X[rows]
-    norm = np.linalg.norm(v, axis=1).clip(1e-300)
+    # the smallest normal number of X's own type: 1e-300 is 0 in float32, and a repeated point
+    # (an edge of length 0) then divided 0 by 0
+    norm = np.maximum(np.linalg.norm(v, axis=1), np.finfo(v.dtype).tiny)
     coords = np.einsum("ekd,ed->ek", tangent[rows], v)  # the edge in i's tangent coordinates
     along_i = np.linalg.norm(coords, axis=1) / norm
     along_j = np.linalg.norm(np.einsum("ekd,ed->ek", tangent[cols], v), axis=1) / norm
