@@ -72,15 +72,57 @@ def test_overflow_in_csv_and_encode(cli, tiny_run_dir, tmp_path):
     assert not (tmp_path / "c.npy").exists()
 
 
-def test_warnings_hidden_unless_debug(cli, tmp_path):
-    """Each point three times: the neighbour graph meets zero distances and numpy warns."""
+def test_repeated_points_train_quietly(cli, tmp_path):
+    """Each point three times: the neighbour graph meets edges of length 0, which it once
+    divided by a float32 zero (a RuntimeWarning, hidden unless ``--debug``)."""
     np.save(tmp_path / "dup.npy", np.repeat(CIRCLE, 3, axis=0))
     args = ("train", "--data", tmp_path / "dup.npy", "--experts", "2", "--epochs", "1",
             "--threads", "1")
-    res = cli(*args, "--out", tmp_path / "quiet")
-    assert res.returncode == 0 and res.stderr == "", res
-    res = cli(*args, "--out", tmp_path / "loud", "--debug")
-    assert res.returncode == 0 and "RuntimeWarning" in res.stderr, res
+    for extra, out in (((), "quiet"), (("--debug",), "loud")):
+        res = cli(*args, *extra, "--out", tmp_path / out)
+        assert res.returncode == 0 and res.stderr == "", res
+
+
+def test_warnings_hidden_unless_debug(monkeypatch, tmp_path):
+    """A library's warning is noise on a command line whose errors are one line each;
+    ``--debug`` lets it through."""
+    import warnings
+
+    import moeae.cli
+
+    def noisy(args):
+        warnings.warn("invalid value encountered in divide", RuntimeWarning, stacklevel=2)
+        return 0
+
+    monkeypatch.setattr(moeae.cli, "_run", noisy)
+    args = ["train", "--data", "circle", "--out", str(tmp_path / "run")]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert moeae.cli.main(args) == 0
+    assert seen == []
+    with pytest.warns(RuntimeWarning, match="invalid value encountered in divide"):
+        assert moeae.cli.main([*args, "--debug"]) == 0
+
+
+@pytest.mark.parametrize("case", ["identical", "latent"])
+def test_auto_checks_the_data_before_choosing_charts(cli, tmp_path, case):
+    """``--experts auto`` chose charts first: identical points raised ARPACK's "Starting
+    vector is zero" with a traceback, and one feature was refused only after the choice."""
+    X, message = {"identical": (np.ones((500, 3)), "same.npy: all 500 points are identical"),
+                  "latent": (RNG.normal(size=(300, 1)), "latent_dim (1) must be smaller than "
+                                                        "the number of features")}[case]
+    np.save(tmp_path / "same.npy", X)
+    res = cli("train", "--data", tmp_path / "same.npy", "--experts", "auto", "--threads", "1",
+              "--out", tmp_path / "run")
+    assert_error(res, message)
+    assert "--experts auto:" not in res.stdout and not (tmp_path / "run").exists()
+
+
+def test_auto_estimator_checks_the_data_before_choosing_charts():
+    from moeae import MoEAutoencoder
+
+    with pytest.raises(DataError, match=r"^X: all 500 points are identical"):
+        MoEAutoencoder(n_experts="auto").fit(np.ones((500, 3)))
 
 
 def test_check_trainable_library():

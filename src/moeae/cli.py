@@ -116,7 +116,7 @@ def cmd_train(args) -> int:
     from .config import isometric_overrides, recipe
     from .data import check_trainable
     from .distributed import init, shutdown
-    from .run import resume_run, train_run
+    from .run import check_configs, resume_run, train_run
 
     st = getattr(args, "settings", None) or {"train": {}}
     # under torchrun: join the other ranks (one model, data-parallel)
@@ -135,7 +135,11 @@ def cmd_train(args) -> int:
         if auto:  # as MoEAutoencoder(n_experts="auto")
             from .atlas import auto_charts
 
-            _, tc0 = recipe(st["recipe"], **st["train"])
+            # the data and settings are checked before the charts are chosen from them
+            mc0, tc0 = recipe(st["recipe"], seed=st["seed"], **{**st["model"], "n_experts": 1},
+                              **st["train"])
+            check_configs(mc0, tc0, len(X), X.shape[1])
+            check_trainable(X, st["data"])
             st["model"]["n_experts"], tried = auto_charts(X, st["model"]["latent_dim"],
                                                           st["seed"], tc0.working_set)
             if ctx.is_main:

@@ -175,6 +175,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         if isinstance(self.n_experts, str):
             from .atlas import auto_charts
 
+            check_trainable(X, str(getattr(X, "filename", None) or "X"))  # before the choice
             mc.n_experts, self.chart_choice_ = auto_charts(X, mc.latent_dim, tc.seed,
                                                            tc.working_set, atlas_cache)
         if isinstance(self.n_init, str) and self.n_init == "auto":
