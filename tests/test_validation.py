@@ -186,6 +186,10 @@ def test_inverse_transform_bad_codes(fitted):
     bad[2, 0] = 7
     with pytest.raises(ValueError, match=r"chart index 7 in row 2 is out of range.*0\.\.1"):
         fitted.inverse_transform(bad)
+    bad[2, 0] = 0.5
+    with pytest.raises(ValueError, match=r"^chart index 0\.5 in row 2 is not a whole number: "
+                                         r"the model has charts 0\.\.1$"):
+        fitted.inverse_transform(bad)
     with pytest.raises(ValueError, match=r"\(n, 2\).*\(5, 3\)"):
         fitted.inverse_transform(np.zeros((5, 3)))
     codes[0, 1] = np.nan

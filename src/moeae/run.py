@@ -427,8 +427,9 @@ def decode(model: MoEAE, codes: np.ndarray, chunk: int = CODE_CHUNK,
     bad = (chart != np.round(chart)) | (chart < 0) | (chart >= E)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"chart index {codes[i, 0]:g} in row {first_row + i} is out of "
-                         f"range: the model has charts 0..{E - 1}")
+        what = "is not a whole number" if chart[i] != np.round(chart[i]) else "is out of range"
+        raise ValueError(f"chart index {codes[i, 0]:g} in row {first_row + i} {what}: the "
+                         f"model has charts 0..{E - 1}")
     device, dtype = model.shift.device, model.shift.dtype
     out = np.empty((len(codes), model.cfg.n_features))
     for i in range(0, len(codes), chunk):
