@@ -2,8 +2,17 @@
 
 import numpy as np
 import pytest
+from sklearn.exceptions import ConvergenceWarning
 
-from moeae.tears import TEAR_LIMIT, fvu_limit, jump_ratio, needs_more, residual_agreement, untorn
+from moeae.tears import (
+    TEAR_LIMIT,
+    fvu_limit,
+    jump_ratio,
+    needs_more,
+    residual_agreement,
+    shortfall,
+    untorn,
+)
 
 
 def _line(n=200):
@@ -294,3 +303,55 @@ def test_underfitting_does_not_count_where_the_epochs_were_cut(monkeypatch):
     under = {"tear": 1.2, "fvu": 8.6e-4, "fvu_limit": 4e-4, "agreement": 0.79}
     _, log = untorn(lambda c: (c, under), 2, 16, underfit=False)
     assert [f["n_charts"] for f in log] == [2]
+
+
+def test_what_is_still_wrong_after_the_last_fit_is_said_in_one_sentence():
+    under = {"n_charts": 5, "tear": 1.2, "fvu": 5.7e-4, "fvu_limit": 1e-4, "agreement": 0.83,
+             "reason": "underfit"}
+    torn = {"n_charts": 4, "tear": 8.8, "fvu": 1e-5, "fvu_limit": 4e-4, "agreement": 0.2,
+            "reason": "tore"}
+    assert shortfall([{**under, "n_charts": 4}, under]) == (
+        "5 charts still underfit (training hard FVU 5.7e-04 > 1e-04, residuals agreeing 0.83) "
+        "after 2 fits")
+    assert shortfall([torn, torn, torn]) == (
+        "4 charts still tear (neighbours' reconstructions 8.8 times their distance apart, "
+        "limit 4) after 3 fits")
+    assert shortfall([torn, {**under, "reason": None}]) is None
+
+
+def test_the_estimator_warns_where_its_last_fit_still_underfits(monkeypatch):
+    """As scikit-learn's estimators warn that they stopped short of converging: the atlas
+    underfits after one chart more did not help (the check is replaced; the fits are real)."""
+    import moeae.estimator
+    from moeae import MoEAutoencoder, datasets
+
+    def check(model, X, **kw):
+        return {"tear": 1.2, "fvu": 5.7e-4, "fvu_limit": 1e-4, "agreement": 0.83}
+
+    monkeypatch.setattr(moeae.estimator, "atlas_check", check)
+    X, _ = datasets.make_circle(300, random_state=0)
+    with pytest.warns(ConvergenceWarning, match=r"^3 charts still underfit \(training hard FVU "
+                      r"5\.7e-04 > 1e-04, residuals agreeing 0\.83\) after 2 fits: more "
+                      r"epochs or a larger width fit closer$"):
+        est = MoEAutoencoder(n_experts="auto", width=16, depth=2, random_state=0).fit(X)
+    assert [f["n_charts"] for f in est.chart_choice_ if "reason" in f] == [2, 3]
+
+
+def test_the_command_line_says_what_to_change_where_the_atlas_still_underfits(
+        tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import moeae.tears
+    from moeae.cli import main
+
+    log = [{"n_charts": 4, "tear": 1.3, "fvu": 6.8e-4, "fvu_limit": 1e-4, "agreement": 0.85,
+            "reason": "underfit"},
+           {"n_charts": 5, "tear": 1.2, "fvu": 5.7e-4, "fvu_limit": 1e-4, "agreement": 0.83,
+            "reason": "underfit"}]
+    monkeypatch.setattr(moeae.tears, "untorn", lambda *a, **k: (
+        SimpleNamespace(state=SimpleNamespace(epoch=0, step=0)), log))
+    assert main(["train", "--data", "circle", "--experts", "auto", "--n-samples", "200",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert ("--experts auto: 5 charts still underfit (training hard FVU 5.7e-04 > 1e-04, "
+            "residuals agreeing 0.83) after 2 fits: more epochs (--epochs) or a larger width "
+            "(width in a --config file) fit closer") in capsys.readouterr().out.splitlines()

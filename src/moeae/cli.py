@@ -160,7 +160,7 @@ def cmd_train(args) -> int:
         first = st["model"]["n_experts"]
         if auto:  # a chart that tears or underfits: one chart more (moeae.tears)
             from .atlas import MAX_CHARTS
-            from .tears import untorn
+            from .tears import shortfall, untorn
 
             # underfitting counts at the recipe's budget, not where epochs were cut
             tr, fits = untorn(fit_with, first, MAX_CHARTS,
@@ -172,6 +172,11 @@ def cmd_train(args) -> int:
                         f"underfit (FVU {f['fvu']:.1e} > {f['fvu_limit']:.0e}, residuals "
                         f"agreeing {f['agreement']:.2f})") for f in fits[:-1])
                     + f": trained {fits[-1]['n_charts']}")
+            short = shortfall(fits)
+            if ctx.is_main and short is not None:
+                print(f"--experts auto: {short}" + (
+                    ": more epochs (--epochs) or a larger width (width in a --config file) "
+                    "fit closer" if fits[-1]["reason"] == "underfit" else ": give --experts N"))
         else:
             tr, _ = fit_with(first)
         if ctx.is_main:

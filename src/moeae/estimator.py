@@ -8,6 +8,7 @@ reconstruction of the representation.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from .config import (
 from .data import SCAN_ROWS, check_trainable
 from .model import MoEAE
 from .run import as_population, check_configs, decode, encode, switch_off_unused
-from .tears import atlas_check, untorn
+from .tears import atlas_check, shortfall, untorn
 from .training import Trainer, evaluate, resolve_device
 from .working_set import release_pages
 
@@ -54,7 +55,9 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         or the charts underfit (hard FVU above 1e-4 for curves, 4e-4 for surfaces, with
         residuals that agree along the chart, :mod:`moeae.tears`; at the recipe's epochs
         only), the fit is repeated with
-        one chart more, at most twice.
+        one chart more, at most twice. Where the last fit still tears or underfits, a
+        :class:`sklearn.exceptions.ConvergenceWarning` says so (``chart_choice_`` holds each
+        fit's check).
     latent_dim : int, default=1
         Coordinates per chart; must be smaller than the number of features.
     recipe : {"best", "seed"}, default="best"
@@ -201,6 +204,13 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         # underfitting counts at the recipe's budget, not where epochs were cut
         _, fits = untorn(fit_with, mc.n_experts, MAX_CHARTS, underfit=self.epochs is None)
         self.chart_choice_ = self.chart_choice_ + fits
+        short = shortfall(fits)
+        if short is not None:  # as scikit-learn's estimators say that they stopped short
+            from sklearn.exceptions import ConvergenceWarning
+
+            hint = (": more epochs or a larger width fit closer" if fits[-1]["reason"] ==
+                    "underfit" else ": give n_experts")
+            warnings.warn(short + hint, ConvergenceWarning, stacklevel=2)
         return self
 
     def _fit_once(self, X, X_ref, mc: ModelConfig, tc: TrainConfig, k: int,
