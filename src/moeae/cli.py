@@ -176,7 +176,7 @@ def cmd_train(args) -> int:
             if ctx.is_main and short is not None:
                 print(f"--experts auto: {short}" + (
                     ": more epochs (--epochs) or a larger width (width in a --config file) "
-                    "fit closer" if fits[-1]["reason"] == "underfit" else ": give --experts N"))
+                    "may fit closer" if fits[-1]["reason"] == "underfit" else ": give --experts N"))
         else:
             tr, _ = fit_with(first)
         if ctx.is_main:

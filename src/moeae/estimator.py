@@ -208,7 +208,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         if short is not None:  # as scikit-learn's estimators say that they stopped short
             from sklearn.exceptions import ConvergenceWarning
 
-            hint = (": more epochs or a larger width fit closer" if fits[-1]["reason"] ==
+            hint = (": more epochs or a larger width may fit closer" if fits[-1]["reason"] ==
                     "underfit" else ": give n_experts")
             warnings.warn(short + hint, ConvergenceWarning, stacklevel=2)
         return self
