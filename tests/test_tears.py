@@ -317,6 +317,7 @@ def test_what_is_still_wrong_after_the_last_fit_is_said_in_one_sentence():
         "4 charts still tear (neighbours' reconstructions 8.8 times their distance apart, "
         "limit 4) after 3 fits")
     assert shortfall([torn, {**under, "reason": None}]) is None
+    assert shortfall([{**torn, "n_charts": 1}]).startswith("1 chart still tears (")
 
 
 def test_the_estimator_warns_where_its_last_fit_still_underfits(monkeypatch):

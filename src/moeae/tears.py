@@ -195,12 +195,12 @@ def shortfall(fits: list[dict]) -> str | None:
     in its own terms (the turned picture with three times the epochs: 1.9e-4)."""
     last = fits[-1]
     c = last["n_charts"]
-    charts = f"{c} chart{'s' * (c != 1)}"
+    charts, s = (f"{c} charts", "") if c != 1 else ("1 chart", "s")
     if last["reason"] == "tore":
-        return (f"{charts} still tear (neighbours' reconstructions {last['tear']:.1f} times "
+        return (f"{charts} still tear{s} (neighbours' reconstructions {last['tear']:.1f} times "
                 f"their distance apart, limit {TEAR_LIMIT:g}) after {len(fits)} fits")
     if last["reason"] == "underfit":
-        return (f"{charts} still underfit (training hard FVU {last['fvu']:.1e} > "
+        return (f"{charts} still underfit{s} (training hard FVU {last['fvu']:.1e} > "
                 f"{last['fvu_limit']:.0e}, residuals agreeing {last['agreement']:.2f}) after "
                 f"{len(fits)} fits")
     return None
