@@ -194,6 +194,7 @@ def test_the_ratio_of_a_model_is_taken_on_a_seeded_sample_of_its_points():
 
     check = atlas_check(est.model_, X, max_points=120, seed=5)
     assert check["tear"] == pytest.approx(expect)
+    assert check["used"] == est.n_charts_ == int(est.model_.active[0].sum())
     assert check["fvu"] == pytest.approx(est.reconstruction_error(X[idx]), rel=1e-9)
     codes = encode(est.model_, X[idx])
     assert check["agreement"] == pytest.approx(
@@ -318,6 +319,8 @@ def test_what_is_still_wrong_after_the_last_fit_is_said_in_one_sentence():
         "limit 4) after 3 fits")
     assert shortfall([torn, {**under, "reason": None}]) is None
     assert shortfall([{**torn, "n_charts": 1}]).startswith("1 chart still tears (")
+    assert shortfall([{**under, "n_charts": 11, "used": 10}]).startswith(
+        "11 charts (10 used) still underfit (")
 
 
 def test_the_estimator_warns_where_its_last_fit_still_underfits(monkeypatch):

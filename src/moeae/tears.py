@@ -139,8 +139,8 @@ def atlas_check(model, X, n_neighbors: int = 10, max_points: int = 2000,
                 seed: int = 0) -> dict[str, float]:
     """What decides whether a trained model needs one chart more, on points X (or a seeded
     sample of ``max_points`` of them): ``tear`` (:func:`jump_ratio`), ``fvu`` (hard), the
-    ``fvu_limit`` of its charts (:func:`fvu_limit`) and ``agreement``
-    (:func:`residual_agreement`)."""
+    ``fvu_limit`` of its charts (:func:`fvu_limit`), ``agreement``
+    (:func:`residual_agreement`) and ``used``, the charts the model keeps switched on."""
     from .metrics import fvu
     from .run import decode, encode
 
@@ -149,7 +149,8 @@ def atlas_check(model, X, n_neighbors: int = 10, max_points: int = 2000,
     X_hat = decode(model, codes)
     return {"tear": jump_ratio(X, codes[:, 0], X_hat, n_neighbors), "fvu": fvu(X, X_hat),
             "fvu_limit": fvu_limit(model.cfg.latent_dim),
-            "agreement": residual_agreement(codes, X - X_hat, n_neighbors)}
+            "agreement": residual_agreement(codes, X - X_hat, n_neighbors),
+            "used": int(model.active[0].sum())}
 
 
 def needs_more(check: dict, underfit: bool = True) -> str | None:
@@ -196,6 +197,8 @@ def shortfall(fits: list[dict]) -> str | None:
     last = fits[-1]
     c = last["n_charts"]
     charts, s = (f"{c} charts", "") if c != 1 else ("1 chart", "s")
+    if last.get("used", c) < c:  # a chart the router never picked was switched off
+        charts += f" ({last['used']} used)"
     if last["reason"] == "tore":
         return (f"{charts} still tear{s} (neighbours' reconstructions {last['tear']:.1f} times "
                 f"their distance apart, limit {TEAR_LIMIT:g}) after {len(fits)} fits")
