@@ -83,6 +83,25 @@ def test_untuned_curve_with_cusps_earns_a_third_chart():
     assert est.reconstruction_error(X_te, "hard") <= 1e-4
 
 
+def test_an_atlas_that_still_underfits_says_so():
+    """The turned picture (576-D closed curve) underfits with 4 charts and, one chart more not
+    halving its FVU, with 5 (session 12: training FVU 5.5e-4, agreement 0.81): the estimator
+    warns as scikit-learn's do when they stop short. A curve that fits does not warn."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    X, _ = ds.make_turning_picture(1000, random_state=0)
+    with pytest.warns(ConvergenceWarning, match=r"^5 charts still underfit \(training hard FVU "
+                      r"[0-9.]+e-04 > 1e-04.*after 2 fits: more epochs or a larger width"):
+        est = MoEAutoencoder(n_experts="auto", random_state=0).fit(X)
+    assert [f["reason"] for f in est.chart_choice_ if "tear" in f] == ["underfit", "underfit"]
+    X, _ = ds.make_figure8(1000, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        MoEAutoencoder(n_experts="auto", random_state=0).fit(X)
+
+
 def test_untuned_s_curve_refits_the_chart_that_tears():
     """The neighbour graph gives the S-curve one chart (fold 3.6, flat 1.2); trained alone it
     tears at the S's middle (session 7: hard FVU 1.1e-3 to 2.8e-3), so the fit is repeated
