@@ -317,7 +317,9 @@ def test_what_is_still_wrong_after_the_last_fit_is_said_in_one_sentence():
     assert shortfall([torn, torn, torn]) == (
         "4 charts still tear (neighbours' reconstructions 8.8 times their distance apart, "
         "limit 4) after 3 fits")
-    assert shortfall([torn, {**under, "reason": None}]) is None
+    assert shortfall([torn, {**under, "reason": None}], ": a", ": b") is None
+    assert shortfall([under], ": more steps", ": fewer").endswith("after 1 fit: more steps")
+    assert shortfall([torn], ": more steps", ": fewer").endswith("after 1 fit: fewer")
     assert shortfall([{**torn, "n_charts": 1}]).startswith("1 chart still tears (")
     assert shortfall([{**under, "n_charts": 11, "used": 10}]).startswith(
         "11 charts (10 used) still underfit (")

@@ -172,11 +172,10 @@ def cmd_train(args) -> int:
                         f"underfit (FVU {f['fvu']:.1e} > {f['fvu_limit']:.0e}, residuals "
                         f"agreeing {f['agreement']:.2f})") for f in fits[:-1])
                     + f": trained {fits[-1]['n_charts']}")
-            short = shortfall(fits)
+            short = shortfall(fits, ": more epochs (--epochs) or a larger width (width in a "
+                              "--config file) may fit closer", ": give --experts N")
             if ctx.is_main and short is not None:
-                print(f"--experts auto: {short}" + (
-                    ": more epochs (--epochs) or a larger width (width in a --config file) "
-                    "may fit closer" if fits[-1]["reason"] == "underfit" else ": give --experts N"))
+                print(f"--experts auto: {short}")
         else:
             tr, _ = fit_with(first)
         if ctx.is_main:

@@ -204,13 +204,12 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         # underfitting counts at the recipe's budget, not where epochs were cut
         _, fits = untorn(fit_with, mc.n_experts, MAX_CHARTS, underfit=self.epochs is None)
         self.chart_choice_ = self.chart_choice_ + fits
-        short = shortfall(fits)
+        short = shortfall(fits, ": more epochs or a larger width may fit closer",
+                          ": give n_experts")
         if short is not None:  # as scikit-learn's estimators say that they stopped short
             from sklearn.exceptions import ConvergenceWarning
 
-            hint = (": more epochs or a larger width may fit closer" if fits[-1]["reason"] ==
-                    "underfit" else ": give n_experts")
-            warnings.warn(short + hint, ConvergenceWarning, stacklevel=2)
+            warnings.warn(short, ConvergenceWarning, stacklevel=2)
         return self
 
     def _fit_once(self, X, X_ref, mc: ModelConfig, tc: TrainConfig, k: int,

@@ -189,21 +189,23 @@ def untorn(fit: Callable[[int], tuple[T, dict]], n_charts: int, max_charts: int,
     return result, log
 
 
-def shortfall(fits: list[dict]) -> str | None:
-    """What is still wrong with the last of :func:`untorn`'s fits, in one sentence, or None
-    where it was kept as it was. Underfitting that one chart more did not cure (the turned
-    picture: 6.8e-4, 5.7e-4 with 4 and 5 charts) wants steps or width, which the caller names
-    in its own terms (the turned picture with three times the epochs: 1.9e-4)."""
+def shortfall(fits: list[dict], underfit_hint: str = "", tear_hint: str = "") -> str | None:
+    """What is still wrong with the last of :func:`untorn`'s fits, in one sentence ending in
+    the caller's hint for that case, or None where it was kept as it was. Underfitting that
+    one chart more did not cure (the turned picture: 6.8e-4, 5.7e-4 with 4 and 5 charts) wants
+    steps or width, which the caller names in its own terms (the turned picture with three
+    times the epochs: 1.9e-4)."""
     last = fits[-1]
     c = last["n_charts"]
     charts, s = (f"{c} charts", "") if c != 1 else ("1 chart", "s")
+    after = f"after {len(fits)} fit{'s' * (len(fits) != 1)}"
     if last.get("used", c) < c:  # a chart the router never picked was switched off
         charts += f" ({last['used']} used)"
     if last["reason"] == "tore":
         return (f"{charts} still tear{s} (neighbours' reconstructions {last['tear']:.1f} times "
-                f"their distance apart, limit {TEAR_LIMIT:g}) after {len(fits)} fits")
+                f"their distance apart, limit {TEAR_LIMIT:g}) {after}{tear_hint}")
     if last["reason"] == "underfit":
         return (f"{charts} still underfit{s} (training hard FVU {last['fvu']:.1e} > "
                 f"{last['fvu_limit']:.0e}, residuals agreeing {last['agreement']:.2f}) after "
-                f"{len(fits)} fits")
+                f"{after}{underfit_hint}")
     return None
