@@ -206,6 +206,6 @@ def shortfall(fits: list[dict], underfit_hint: str = "", tear_hint: str = "") ->
                 f"their distance apart, limit {TEAR_LIMIT:g}) {after}{tear_hint}")
     if last["reason"] == "underfit":
         return (f"{charts} still underfit{s} (training hard FVU {last['fvu']:.1e} > "
-                f"{last['fvu_limit']:.0e}, residuals agreeing {last['agreement']:.2f}) after "
+                f"{last['fvu_limit']:.0e}, residuals agreeing {last['agreement']:.2f}) "
                 f"{after}{underfit_hint}")
     return None
