@@ -258,11 +258,18 @@ class MoEAE(nn.Module):
         q = torch.quantile(torch.cat(own, 1).double(), 0.99, dim=1)
         self.fallback.copy_(gate * q)
 
-    def finish_charts(self, x: torch.Tensor, gate: float, arc_length: bool) -> None:
+    def finish_charts(self, x: torch.Tensor, gate: float, arc_length: bool,
+                      refit_outputs: bool = False) -> None:
         """After training, from the training points x (M, n, d): the router's ``fallback``
-        (:meth:`set_fallback`, ``gate``) and, for a curve with ``arc_length``, arc-length
-        charts (:meth:`set_arc_length`)."""
+        (:meth:`set_fallback`, ``gate``), with ``refit_outputs`` the decoders' output layers
+        solved on their charts' points (:func:`moeae.readout.refit_outputs`, then the fallback
+        again) and, for a curve with ``arc_length``, arc-length charts (:meth:`set_arc_length`)."""
         self.set_fallback(x, gate)
+        if refit_outputs:
+            from .readout import refit_outputs as refit
+
+            refit(self, x)
+            self.set_fallback(x, gate)
         if arc_length and self.cfg.latent_dim == 1:
             self.set_arc_length(x)
 

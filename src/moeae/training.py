@@ -295,10 +295,12 @@ class Trainer:
             if bar is not None:
                 bar.set_postfix(loss=f"{float(np.mean(st.history[-1])):.3g}")
                 bar.update(1)
-            if epoch + 1 == epochs and (cfg.fallback_gate > 0 or cfg.arc_length):
-                # before the last checkpoint: the router's fallback, arc-length tables
+            if epoch + 1 == epochs and (cfg.fallback_gate > 0 or cfg.arc_length
+                                        or cfg.refit_outputs):
+                # before the last checkpoint: the router's fallback, solved output layers,
+                # arc-length tables
                 self.model.finish_charts(data.gather(self._rows(data)), cfg.fallback_gate,
-                                         cfg.arc_length)
+                                         cfg.arc_length, cfg.refit_outputs)
             if on_epoch_end is not None:
                 on_epoch_end(self)
         if bar is not None:
