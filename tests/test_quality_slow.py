@@ -68,10 +68,11 @@ def test_untuned_curve_with_crossings():
     assert est.reconstruction_error(X_te, "hard") <= 5e-4
 
 
-def test_untuned_curve_with_cusps_earns_a_third_chart():
-    """An epicycloid with 3 cusps: the neighbour graph gives 2 charts, which miss the cusps the
-    same way along the chart (session 11: training FVU 2.2e-4, agreement 0.98; test 2.6e-4), so
-    the atlas trains 3 (moeae.tears; seeds 0-4 then 3.2e-5 to 8.4e-5)."""
+def test_untuned_curve_with_cusps_fits_with_the_graphs_two_charts():
+    """An epicycloid with 3 cusps: the neighbour graph gives 2 charts, which missed the cusps
+    the same way along the chart while their output layers were trained alone (session 11:
+    training FVU 2.2e-4, so the atlas trained 3); with solved output layers (moeae.readout)
+    the 2 charts fit (session 13: training FVU 4.0e-5, new points 5.2e-5)."""
     def epicycloid(t):
         return np.c_[4 * np.cos(t) - np.cos(4 * t), 4 * np.sin(t) - np.sin(4 * t)]
 
@@ -79,14 +80,15 @@ def test_untuned_curve_with_cusps_earns_a_third_chart():
     X_te = epicycloid(np.linspace(0, 2 * np.pi, 1000))
     est = MoEAutoencoder(n_experts="auto", random_state=0).fit(X)
     fits = [f for f in est.chart_choice_ if "tear" in f]
-    assert [(f["n_charts"], f["reason"]) for f in fits] == [(2, "underfit"), (3, None)]
+    assert [(f["n_charts"], f["reason"]) for f in fits] == [(2, None)]
     assert est.reconstruction_error(X_te, "hard") <= 1e-4
 
 
 def test_an_atlas_that_still_underfits_says_so():
-    """The turned picture (576-D closed curve) underfits with 4 charts and, one chart more not
-    halving its FVU, with 5 (session 12: training FVU 5.5e-4, agreement 0.81): the estimator
-    warns as scikit-learn's do when they stop short. A curve that fits does not warn."""
+    """The turned picture (576-D closed curve) with decoders 32 wide underfits with 4 charts
+    and, one chart more not halving its FVU, with 5 (session 13: training FVU 5.8e-4, 4.6e-4;
+    100 wide it fits, 1.1e-5): the estimator warns as scikit-learn's do when they stop
+    short. A curve that fits does not warn."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -94,7 +96,7 @@ def test_an_atlas_that_still_underfits_says_so():
     X, _ = ds.make_turning_picture(1000, random_state=0)
     with pytest.warns(ConvergenceWarning, match=r"^5 charts still underfit \(training hard FVU "
                       r"[0-9.]+e-04 > 1e-04.*after 2 fits: more epochs or a larger width"):
-        est = MoEAutoencoder(n_experts="auto", random_state=0).fit(X)
+        est = MoEAutoencoder(n_experts="auto", width=32, random_state=0).fit(X)
     assert [f["reason"] for f in est.chart_choice_ if "tear" in f] == ["underfit", "underfit"]
     X, _ = ds.make_figure8(1000, random_state=0)
     with warnings.catch_warnings():
@@ -146,9 +148,11 @@ def test_digits_beat_pca():
     X_tr, X_te = X[:1400], X[1400:]
     est = MoEAutoencoder(n_experts=8, latent_dim=2, random_state=0).fit(X_tr)
     assert est.reconstruction_error(X_te, "hard") < _pca_fvu(X_tr, X_te, 4)
-    # regularised against overfitting (training FVU ~0.2 vs ~0.4 held out), it beats PCA 8
+    # regularised against overfitting (training FVU ~0.2 vs ~0.4 held out) and trained as
+    # long as the recipe did before session 13 (4000 steps; its 2000 now give 0.345 against
+    # PCA's 0.342; no chart takes a solved output layer on digits), it beats PCA 8 (0.333)
     reg = MoEAutoencoder(n_experts=8, latent_dim=2, input_noise=0.1, weight_decay=1e-3,
-                         random_state=0).fit(X_tr)
+                         epochs=180, random_state=0).fit(X_tr)
     assert reg.reconstruction_error(X_te, "hard") < _pca_fvu(X_tr, X_te, 8)
 
 
@@ -180,9 +184,10 @@ def test_sphere_distances_within_atlasae_s():
     (ds.make_helix, dict(turns=3, pitch=0.3), 1, 4, 1e-4),  # turns 0.3 apart
     (ds.make_moebius, dict(half_twists=1), 2, 3, 1e-3),
     (ds.make_helicoid, dict(turns=2, pitch=0.5), 2, 3, 1e-3),
-    # the graph gives 2 charts; they underfit (hard FVU 8.6e-4, residuals agreeing 0.73) and
-    # the atlas trains 3 (moeae.tears)
-    (ds.make_moebius, dict(half_twists=3), 2, 3, 1e-3),
+    # the graph gives 2 charts; with output layers as trained they underfit (hard FVU 8.6e-4,
+    # residuals agreeing 0.73) and the atlas trained 3 (moeae.tears); solved (moeae.readout),
+    # 2 fit within the goal (session 13: training 5.6e-4, new points 5.9e-4)
+    (ds.make_moebius, dict(half_twists=3), 2, 2, 1e-3),
 ])
 def test_harder_manifolds_with_their_own_chart_count(make, kw, k, charts, limit):
     n = 1000 if k == 1 else 2000

@@ -88,8 +88,9 @@ class TrainConfig:
     isometry_points: int = 16  #: per step, the terms at each expert's this many batch points
     #:                          of most weight (its own points under hard targets)
     refit_outputs: bool = False  #: after training, each decoder's output layer is solved in
-    #:                               closed form on its chart's training points where that
-    #:                               halves... (moeae.readout)
+    #:                               closed form on its chart's training points, where that
+    #:                               explains enough of the error to not be noise
+    #:                               (moeae.readout)
     arc_length: bool = False  #: curves: after training, codes are arc length along each
     #:                           chart, points coded by projection (moeae.arclength)
     working_set: int = 2000  #: points per epoch; larger data: a fresh random sample each epoch
