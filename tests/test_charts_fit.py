@@ -169,9 +169,9 @@ def test_isometric_must_be_a_weight():
     ("circle", 2),
     ("figure8", 2),  # seed 0: 0.012; seeds 0-19 meet it on 19 of 20 (docs/recipes.md)
     pytest.param("spiral", 4, marks=pytest.mark.xfail(
-        reason="not met: the chart holding the spiral's centre, CV 0.041-0.158 over seeds "
-               "0-19 (1 of 20 within 0.05): its decoder does not reach the tight centre "
-               "(docs/recipes.md)")),
+        reason="not met on every seed: the chart holding the spiral's centre, CV 0.031-0.293 "
+               "over seeds 0-19, 9 of 20 within 0.05 (seed 0: 0.031): its encoder codes the "
+               "first radian in a bunch (docs/recipes.md)", strict=False)),
 ])
 def test_isometric_curves_keep_lengths(name, E):
     make = {"circle": ds.make_circle, "figure8": ds.make_figure8, "spiral": ds.make_spiral}
