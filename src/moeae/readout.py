@@ -75,8 +75,8 @@ def solve(A: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor | None, float,
 def refit_outputs(model, x: torch.Tensor, chunk: int = 4096) -> list[dict]:
     """Solve each expert's output layer on the points x (M, n, d) (the training data) of its
     chart (:meth:`moeae.model.MoEAE.charts`). Returns, per expert of the population, what was
-    done: ``points``, ``lam`` (relative; inf: too few points), ``ratio`` (leave-one-out error over the
-    trained layer's) and ``refit`` (bool)."""
+    done: ``points``, ``lam`` (relative; inf: too few points or an inactive chart), ``ratio``
+    (leave-one-out error over the trained layer's) and ``refit`` (bool)."""
     was = model.training
     model.eval()
     dec = model.decoder
