@@ -8,11 +8,14 @@ solved output weights (docs/recipes.md, session 13).
 
 The solve is a ridge regression towards the trained weights ``W0``::
 
-    W = argmin |A W - U|^2 + lam |W - W0|^2,    A = [h, 1],  U = the points (network units)
+    W = argmin |A W - U|^2 + w |A' (W - W0)|^2 + lam |W - W0|^2
 
-with ``lam`` chosen per chart by leave-one-out error, which one SVD of ``A`` gives for every
-``lam`` (:func:`leave_one_out`). A chart takes the solve only where it explains enough of the
-error (:data:`ACCEPT`): on noisy points the error left is mostly noise, and a closer fit to
+with ``A = [h, 1]`` and ``U`` the chart's points (in network units), and ``A'`` the features of
+the model's other points, which ask with a small weight ``w`` (:data:`OFF_CHART`) that the
+decoder keep reconstructing them as it was trained to. ``lam`` is chosen per chart by
+leave-one-out error over its points, which one SVD gives for every ``lam``
+(:func:`leave_one_out`). A chart takes the solve only where it explains enough of the error
+(:data:`ACCEPT`): on noisy points the error left is mostly noise, and a closer fit to
 noisy points moves the chart off the clean manifold (figure-8 with noise 0.05: leave-one-out
 error 0.99 of the trained layer's; error on clean points 2.5e-4 -> 3.8e-4 if taken).
 
@@ -22,10 +25,12 @@ agree.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-__all__ = ["refit_outputs", "solve", "leave_one_out", "ACCEPT", "LAMBDAS"]
+__all__ = ["refit_outputs", "solve", "leave_one_out", "ACCEPT", "LAMBDAS", "OFF_CHART"]
 
 #: A chart takes the solved weights only if their leave-one-out error is at most this share of
 #: the trained weights' error on the same points. Measured per chart: clean curves and surfaces
@@ -33,41 +38,60 @@ __all__ = ["refit_outputs", "solve", "leave_one_out", "ACCEPT", "LAMBDAS"]
 ACCEPT = 0.8
 #: Ridge strengths tried, relative to the mean squared singular value of ``A``.
 LAMBDAS = 10.0 ** np.arange(-10, 3)
+#: Weight of each point of another chart, asking the decoder to reconstruct it as trained:
+#: a solve on the chart's points alone left decoders far off elsewhere, where the soft
+#: reconstruction still mixes them in (trefoil, 4 charts: soft FVU 1.1e-4 -> 0.12; with this
+#: weight 1.1e-4, and hard FVU 7.7e-6 -> 1.9e-6 against 2.9e-6 without).
+OFF_CHART = 1e-3
 MIN_POINTS = 8  # a chart with fewer points keeps its weights
 
 
-def leave_one_out(A: torch.Tensor, R: torch.Tensor, lams) -> torch.Tensor:
-    """The mean squared leave-one-out error of ridge regressions of R (n, d) on A (n, p), one
-    per strength in ``lams`` (absolute), from one SVD of A: a point's left-out residual is its
-    residual over ``1 - h_ii``, ``h_ii`` its leverage."""
-    U, S, _ = torch.linalg.svd(A, full_matrices=False)  # A = U diag(S) Vh
-    UR = U.T @ R  # (p, d)
+def _stacked(A: torch.Tensor, R: torch.Tensor, B: torch.Tensor | None):
+    if B is None:
+        return A, R
+    return torch.cat([A, B]), torch.cat([R, R.new_zeros(len(B), R.shape[1])])
+
+
+def leave_one_out(A: torch.Tensor, R: torch.Tensor, lams,
+                  B: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean squared leave-one-out error over the rows of A (n, p) of ridge regressions of
+    R (n, d) on A, one per strength in ``lams`` (absolute), from one SVD: a point's left-out
+    residual is its residual over ``1 - h_ii``, ``h_ii`` its leverage. ``B`` (m, p): further
+    rows whose residual is 0 (they ask for no change), fitted along but never left out."""
+    n = len(A)
+    As, Rs = _stacked(A, R, B)
+    U, S, _ = torch.linalg.svd(As, full_matrices=False)  # As = U diag(S) Vh
+    UR = U.T @ Rs  # (p, d)
+    Un = U[:n]
     out = []
     for lam in lams:
         f = S**2 / (S**2 + float(lam))  # shrinkage of each singular direction
-        lev = (U**2) @ f  # (n,)
-        res = R - U @ (f[:, None] * UR)
+        lev = (Un**2) @ f  # (n,)
+        res = R - Un @ (f[:, None] * UR)
         out.append(((res / (1 - lev).clamp_min(1e-12)[:, None]) ** 2).sum(1).mean())
     return torch.stack(out)
 
 
-def solve(A: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor | None, float, float]:
+def solve(A: torch.Tensor, R: torch.Tensor,
+          B: torch.Tensor | None = None) -> tuple[torch.Tensor | None, float, float]:
     """The ridge step ``dW`` (p, d) that predicts the residuals R (n, d) from the features A
-    (n, p) best by leave-one-out error, with its strength (relative to the mean squared
-    singular value of A) and its error as a share of R's own (``dW = 0``); ``dW`` is None
-    (keep the trained weights) unless that share is at most :data:`ACCEPT`."""
+    (n, p) best by leave-one-out error (``B``: rows held at no change, see
+    :func:`leave_one_out`), with its strength (relative to the mean squared singular value)
+    and its error as a share of R's own (``dW = 0``); ``dW`` is None (keep the trained
+    weights) unless that share is at most :data:`ACCEPT`."""
     base = float((R**2).sum(1).mean())
     if base == 0.0:
         return None, float("inf"), 1.0
-    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    As, Rs = _stacked(A, R, B)
+    U, S, Vh = torch.linalg.svd(As, full_matrices=False)
     unit = float((S**2).mean())
-    loo = leave_one_out(A, R, LAMBDAS * unit)
+    loo = leave_one_out(A, R, LAMBDAS * unit, B)
     i = int(loo.argmin())
     ratio = float(loo[i]) / base
     if ratio > ACCEPT:
         return None, float(LAMBDAS[i]), ratio
     lam = float(LAMBDAS[i]) * unit
-    dW = Vh.T @ ((S / (S**2 + lam))[:, None] * (U.T @ R))
+    dW = Vh.T @ ((S / (S**2 + lam))[:, None] * (U.T @ Rs))
     return dW, float(LAMBDAS[i]), ratio
 
 
@@ -104,8 +128,9 @@ def refit_outputs(model, x: torch.Tensor, chunk: int = 4096) -> list[dict]:
         report.append(info)
         if n < MIN_POINTS or not bool(model.active[m, e]):
             continue
-        A = torch.cat([H[g, mine], torch.ones(n, 1, dtype=torch.float64)], 1)  # (n, p)
-        dW, info["lam"], info["ratio"] = solve(A, Y[m, mine] - A @ W0[g])
+        A = torch.cat([H[g], torch.ones(H.shape[1], 1, dtype=torch.float64)], 1)  # (n, p)
+        B = math.sqrt(OFF_CHART) * A[~mine]  # the model's other points: stay as trained
+        dW, info["lam"], info["ratio"] = solve(A[mine], Y[m, mine] - A[mine] @ W0[g], B)
         if dW is None:
             continue
         W = (W0[g] + dW).to(last.weight)
