@@ -42,8 +42,11 @@ EQUALITY = textwrap.dedent("""
     tr.initialize(X)
     tr.fit(X, 8)  # 8 epochs x 7 steps of 32 (the last of 8 points)
     if ctx.is_main:
+        x = torch.as_tensor(X, dtype=torch.float64)[None]
+        with torch.no_grad():
+            outputs = tr.model.expert_outputs(x)
         torch.save({"state": tr.model.state_dict(), "history": tr.state.history,
-                    "steps": tr.state.step}, sys.argv[1])
+                    "steps": tr.state.step, "outputs": outputs}, sys.argv[1])
     shutdown()
 """)
 
@@ -59,7 +62,10 @@ EQUALITY = textwrap.dedent("""
 ], ids=["best", "per-batch-targets", "soft-router-loss"])
 def test_data_parallel_equals_one_process(tmp_path, overrides):
     """Two ranks, each on half of every global batch of 32, give the weights of one process
-    on the whole batch within 1e-6 after 56 steps (float64, gloo)."""
+    on the whole batch within 1e-6 after 56 steps (float64, gloo), and the same
+    reconstructions. The decoders' output layers, solved after training (moeae.readout), are
+    judged by those: a least-squares solve near its smallest ridge strengths turns the last
+    bits of its features into larger differences of weights that cancel."""
     script = tmp_path / "eq.py"
     script.write_text(EQUALITY)
     arg = json.dumps(overrides)
@@ -72,9 +78,12 @@ def test_data_parallel_equals_one_process(tmp_path, overrides):
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert a["steps"] == b["steps"] == 56
     assert torch.equal(a["state"]["active"], b["state"]["active"])
+    solved = {"decoder.layers.4.weight", "decoder.layers.4.bias"}
     worst = max(float((a["state"][k] - b["state"][k]).abs().max()) for k in a["state"]
-                if a["state"][k].is_floating_point())
+                if a["state"][k].is_floating_point() and k not in solved)
     assert worst < 1e-6, f"weights differ by {worst:.3g}"
+    worst = float((a["outputs"] - b["outputs"]).abs().max())
+    assert worst < 1e-6, f"reconstructions differ by {worst:.3g}"
     np.testing.assert_allclose(a["history"], b["history"], rtol=1e-9)
     assert "Warning" not in two.stderr, two.stderr
 
