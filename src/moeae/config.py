@@ -151,7 +151,7 @@ def with_budget(model: ModelConfig, train: TrainConfig, n_samples: int) -> Train
     (:mod:`moeae.readout`), measured in session 13: a 1000-point curve's 50 epochs (800
     steps) reach hard FVU <= 1e-4 on 20 of 20 seeds of the circle, figure-8 and spiral; a
     surface's 1600 steps (``min_steps`` 400 of the ``best`` recipe) put the sphere's mean
-    reconstruction distance at 5e-5 to 1.5e-4 of its radius (4 charts, 1000 or 2000 points).
+    reconstruction distance at 1.3e-4 to 4.9e-4 of its radius (4 charts, 1000 or 2000 points).
     """
     if train.min_steps <= 0:
         return train

@@ -19,8 +19,8 @@ leave-one-out error over its points, which one SVD gives for every ``lam``
 noisy points moves the chart off the clean manifold (figure-8 with noise 0.05: leave-one-out
 error 0.99 of the trained layer's; error on clean points 2.5e-4 -> 3.8e-4 if taken).
 
-Every rank of a ``torchrun`` job solves the same problem on the CPU in float64, so the weights
-agree.
+Every rank of a ``torchrun`` job holds the same trained weights and solves the same problem on
+the CPU in float64, so the solved weights agree.
 """
 
 from __future__ import annotations
