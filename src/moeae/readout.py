@@ -26,6 +26,7 @@ the CPU in float64, so the solved weights agree.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,10 +47,32 @@ OFF_CHART = 1e-3
 MIN_POINTS = 8  # a chart with fewer points keeps its weights
 
 
-def _stacked(A: torch.Tensor, R: torch.Tensor, B: torch.Tensor | None):
-    if B is None:
-        return A, R
-    return torch.cat([A, B]), torch.cat([R, R.new_zeros(len(B), R.shape[1])])
+class _Ridge(NamedTuple):
+    """One SVD of the stacked rows ``[A; B] = U diag(S) Vh`` and what every strength shares."""
+
+    U: torch.Tensor  # (n + m, p)
+    S: torch.Tensor  # (p,)
+    Vh: torch.Tensor  # (p, p)
+    UR: torch.Tensor  # (p, d): U^T [R; 0]
+    n: int  # rows of A, the ones left out in turn
+
+
+def _factor(A: torch.Tensor, R: torch.Tensor, B: torch.Tensor | None) -> _Ridge:
+    As, Rs = (A, R) if B is None else (
+        torch.cat([A, B]), torch.cat([R, R.new_zeros(len(B), R.shape[1])]))
+    U, S, Vh = torch.linalg.svd(As, full_matrices=False)
+    return _Ridge(U, S, Vh, U.T @ Rs, len(A))
+
+
+def _leave_one_out(f: _Ridge, R: torch.Tensor, lams) -> torch.Tensor:
+    Un = f.U[:f.n]
+    out = []
+    for lam in lams:
+        shrink = f.S**2 / (f.S**2 + float(lam))  # of each singular direction
+        lev = (Un**2) @ shrink  # (n,)
+        res = R - Un @ (shrink[:, None] * f.UR)
+        out.append(((res / (1 - lev).clamp_min(1e-12)[:, None]) ** 2).sum(1).mean())
+    return torch.stack(out)
 
 
 def leave_one_out(A: torch.Tensor, R: torch.Tensor, lams,
@@ -58,18 +81,7 @@ def leave_one_out(A: torch.Tensor, R: torch.Tensor, lams,
     R (n, d) on A, one per strength in ``lams`` (absolute), from one SVD: a point's left-out
     residual is its residual over ``1 - h_ii``, ``h_ii`` its leverage. ``B`` (m, p): further
     rows whose residual is 0 (they ask for no change), fitted along but never left out."""
-    n = len(A)
-    As, Rs = _stacked(A, R, B)
-    U, S, _ = torch.linalg.svd(As, full_matrices=False)  # As = U diag(S) Vh
-    UR = U.T @ Rs  # (p, d)
-    Un = U[:n]
-    out = []
-    for lam in lams:
-        f = S**2 / (S**2 + float(lam))  # shrinkage of each singular direction
-        lev = (Un**2) @ f  # (n,)
-        res = R - Un @ (f[:, None] * UR)
-        out.append(((res / (1 - lev).clamp_min(1e-12)[:, None]) ** 2).sum(1).mean())
-    return torch.stack(out)
+    return _leave_one_out(_factor(A, R, B), R, lams)
 
 
 def solve(A: torch.Tensor, R: torch.Tensor,
@@ -82,17 +94,15 @@ def solve(A: torch.Tensor, R: torch.Tensor,
     base = float((R**2).sum(1).mean())
     if base == 0.0:
         return None, float("inf"), 1.0
-    As, Rs = _stacked(A, R, B)
-    U, S, Vh = torch.linalg.svd(As, full_matrices=False)
-    unit = float((S**2).mean())
-    loo = leave_one_out(A, R, LAMBDAS * unit, B)
+    f = _factor(A, R, B)
+    unit = float((f.S**2).mean())
+    loo = _leave_one_out(f, R, LAMBDAS * unit)
     i = int(loo.argmin())
     ratio = float(loo[i]) / base
     if ratio > ACCEPT:
         return None, float(LAMBDAS[i]), ratio
     lam = float(LAMBDAS[i]) * unit
-    dW = Vh.T @ ((S / (S**2 + lam))[:, None] * (U.T @ Rs))
-    return dW, float(LAMBDAS[i]), ratio
+    return f.Vh.T @ ((f.S / (f.S**2 + lam))[:, None] * f.UR), float(LAMBDAS[i]), ratio
 
 
 @torch.no_grad()
