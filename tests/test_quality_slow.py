@@ -184,10 +184,10 @@ def test_sphere_distances_within_atlasae_s():
     (ds.make_helix, dict(turns=3, pitch=0.3), 1, 4, 1e-4),  # turns 0.3 apart
     (ds.make_moebius, dict(half_twists=1), 2, 3, 1e-3),
     (ds.make_helicoid, dict(turns=2, pitch=0.5), 2, 3, 1e-3),
-    # the graph gives 2 charts; with output layers as trained they underfit (hard FVU 8.6e-4,
-    # residuals agreeing 0.73) and the atlas trained 3 (moeae.tears); solved (moeae.readout),
-    # 2 fit within the goal (session 13: training 5.6e-4, new points 5.9e-4)
-    (ds.make_moebius, dict(half_twists=3), 2, 2, 1e-3),
+    # the graph gives 2 charts; solved (moeae.readout) they fit within the goal (session 13:
+    # training 5.6e-4, new points 5.9e-4) but above the 4e-4 that moeae.tears parts underfits
+    # by, and their residuals as trained agree (0.73): the atlas trains 3
+    (ds.make_moebius, dict(half_twists=3), 2, 3, 1e-3),
 ])
 def test_harder_manifolds_with_their_own_chart_count(make, kw, k, charts, limit):
     n = 1000 if k == 1 else 2000

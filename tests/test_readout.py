@@ -101,3 +101,28 @@ def test_each_model_of_a_population_is_refitted_as_it_would_be_alone():
         assert [r["refit"] for r in mine] == [r["refit"] for r in both[2 * m:2 * m + 2]]
         torch.testing.assert_close(pop.select(m).decoder.layers[-1].weight,
                                    one.decoder.layers[-1].weight, rtol=1e-4, atol=1e-5)
+
+
+def test_the_underfit_check_reads_the_agreement_of_the_layers_as_trained():
+    from moeae.run import decode, encode
+    from moeae.tears import atlas_check, residual_agreement
+
+    X, _ = ds.make_circle(400, random_state=0)
+    model = _trained(X, False).double()
+    assert torch.isnan(model.trained_agreement).all()  # never solved: the check's own
+    codes = encode(model, X)
+    before = residual_agreement(codes, X - decode(model, codes))
+    assert atlas_check(model, X)["agreement"] == pytest.approx(before)
+    report = refit_outputs(model, torch.as_tensor(X)[None])
+    assert any(r["refit"] for r in report)
+    assert float(model.trained_agreement[0]) == pytest.approx(before, rel=1e-9)
+    codes = encode(model, X)
+    after = residual_agreement(codes, X - decode(model, codes))
+    assert abs(after - before) > 0.1  # the solve takes out what neighbours shared
+    assert atlas_check(model, X)["agreement"] == pytest.approx(before, rel=1e-9)
+    assert float(model.select(0).trained_agreement[0]) == pytest.approx(before, rel=1e-6)
+    # a diagnostic of the fit, not saved: a loaded model is checked on its own residuals
+    assert "trained_agreement" not in model.state_dict()
+    loaded = MoEAE(model.cfg, model.counts).double()
+    loaded.load_state_dict(model.state_dict())
+    assert atlas_check(loaded, X)["agreement"] == pytest.approx(after)

@@ -196,6 +196,10 @@ def test_the_ratio_of_a_model_is_taken_on_a_seeded_sample_of_its_points():
     assert check["tear"] == pytest.approx(expect)
     assert check["used"] == est.n_charts_ == int(est.model_.active[0].sum())
     assert check["fvu"] == pytest.approx(est.reconstruction_error(X[idx]), rel=1e-9)
+    # solved output layers: the agreement recorded before the solve (test_readout.py)
+    assert check["agreement"] == pytest.approx(float(est.model_.trained_agreement[0]))
+    est.model_.trained_agreement.fill_(float("nan"))  # a model never solved: its own residuals
+    check = atlas_check(est.model_, X, max_points=120, seed=5)
     codes = encode(est.model_, X[idx])
     assert check["agreement"] == pytest.approx(
         residual_agreement(codes, X[idx] - decode(est.model_, codes)))

@@ -56,6 +56,7 @@ class MoEAE(nn.Module):
     scale: torch.Tensor  # (M, 1, 1) input scale
     active: torch.Tensor  # (M, E) experts the router may pick
     fallback: torch.Tensor  # (M,) error above which the router's chart is checked (0: never)
+    trained_agreement: torch.Tensor  # (M,) residual agreement before the output solve (NaN: none)
     arc_code: torch.Tensor  # (M, E, T) arc-length charts (moeae.arclength): codes ...
     arc_length: torch.Tensor  # (M, E, T) ... and arc lengths; absent: off
 
@@ -88,6 +89,12 @@ class MoEAE(nn.Module):
         # Squared reconstruction distance (data units) above which the router's chart is
         # checked against the others (0: never); set after training (MoEAE.set_fallback).
         self.register_buffer("fallback", torch.zeros(M))
+        # How much the residuals of neighbours along a chart agreed with the output layers as
+        # trained, before they were solved (moeae.readout; NaN: not solved in this process):
+        # what moeae.tears reads for underfitting right after training, since a solve leaves
+        # residuals it cannot explain. Not saved: a diagnostic of the fit, not of the model.
+        self.register_buffer("trained_agreement", torch.full((M,), float("nan")),
+                             persistent=False)
         # curves: arc_code, arc_length, registered by MoEAE.set_arc_length after training
 
     @property
@@ -187,6 +194,7 @@ class MoEAE(nn.Module):
         one.scale.copy_(self.scale[m:m + 1])
         one.active.copy_(self.active[m:m + 1, :E])
         one.fallback.copy_(self.fallback[m:m + 1])
+        one.trained_agreement.copy_(self.trained_agreement[m:m + 1])
         if self.arc:
             one._set_tables(self.arc_code[m:m + 1, :E].clone(),
                             self.arc_length[m:m + 1, :E].clone())
