@@ -6,7 +6,11 @@
    (``atlas.landmark_embedding``, 200 landmarks) against all-pairs shortest paths
    (``atlas.geodesic_embedding``): seconds and the ratio, the two alternated so the ratio
    holds when the machine's speed drifts.
-2. Whole default fits (one thread; 1000-point curves, 2000-point surfaces), seed 1: seconds
+2. ``n_experts="auto"``'s choice and the starting atlas on one 2000-point sphere, sharing a
+   cache as a fit does: the atlas reusing the pieces the choice checked, against the same with
+   those pieces and fold ratios dropped from the cache in between (made twice, as before
+   session 14); alternated, seconds and the ratio.
+3. Whole default fits (one thread; 1000-point curves, 2000-point surfaces), seed 1: seconds
    and hard FVU on held-out points, with the starting atlas's share.
 
 Times are wall clock on whatever else the machine is doing.
@@ -56,6 +60,25 @@ def main() -> None:
     sizes = "/".join(str(len(P)) for _, P in pieces)
     print(f"chart coordinates, sphere pieces of {sizes} points: landmarks {a:.3f} s, "
           f"all pairs {b:.3f} s: ratio {a / b:.2f}")
+
+    from moeae.atlas import auto_charts, initial_atlas
+
+    X, _ = ds.make_sphere(2000, random_state=1)
+    X32 = X.astype(np.float32)  # as the trainer hands its points to the atlas
+    reuse, again = [], []
+    for _ in range(args.repeats):
+        for drop, out in ((False, reuse), (True, again)):
+            cache: dict = {}
+            t = time.perf_counter()
+            c, _ = auto_charts(X, 2, 0, cache=cache)
+            if drop:
+                for key in [k for k in cache if k[0] in ("centres", "folds")]:
+                    del cache[key]
+            initial_atlas(X32, c, 2, 0, overlap=0.3, coordinates=True, cache=cache)
+            out.append(time.perf_counter() - t)
+    a, b = np.median(reuse), np.median(again)
+    print(f"chart choice + starting atlas, sphere of 2000 points ({c} charts): pieces reused "
+          f"{a:.2f} s, made again {b:.2f} s: ratio {a / b:.2f}")
 
     import moeae.training as training
 
