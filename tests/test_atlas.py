@@ -247,7 +247,12 @@ def test_a_shared_cache_changes_nothing():
         alone = initial_atlas(X, E, 1, seed, overlap=0.3, coordinates=True)
         np.testing.assert_array_equal(cached[0], alone[0])
         np.testing.assert_array_equal(cached[1], alone[1])
-    assert len(cache) == 1  # one data set: one graph and embedding
+    # one data set: one graph and embedding, one set of fold ratios, pieces per count and seed
+    kinds = sorted(k[0] if k[0] in ("folds", "centres") else "graph" for k in cache)
+    assert kinds == ["centres"] * 3 + ["folds", "graph"]
+    again = initial_atlas(X, 4, 1, 2, overlap=0.3, coordinates=True, cache=cache)
+    np.testing.assert_array_equal(again[0], cached[0])  # the pieces from the cache
+    assert len(cache) == 5
 
 
 def _waist_distance(t_cuts):
