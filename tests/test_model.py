@@ -300,3 +300,61 @@ def test_loss_terms_by_construction():
     assert LossTerms.router_mean_logits(logits, valid3).item() == pytest.approx(2.0)
     x = torch.zeros(1, 4, 2)
     assert LossTerms.reconstruction(x + 2.0, x, torch.full((1, 1, 1), 2.0)).item() == 1.0
+
+
+def test_placed_units_bend_at_the_quantiles_of_their_charts_codes():
+    cfg = ModelConfig(n_features=2, n_experts=3, latent_dim=1, width=16, depth=2)
+    model = MoEAE(cfg, [3, 2])
+    model.reset_parameters([0, 1])
+    rng = np.random.default_rng(0)
+    coords = np.full((2, 50, 3, 1), np.nan)
+    coords[0, :40, 0, 0] = rng.uniform(-0.8, 0.8, 40)
+    coords[0, 10:, 1, 0] = rng.normal(0, 0.3, 40)
+    coords[0, :5, 2, 0] = rng.uniform(-0.8, 0.8, 5)  # too few: left as initialised
+    coords[1, :, 0, 0] = rng.uniform(-0.5, 0.2, 50)
+    first = model.decoder.linears()[0]
+    w0, b0 = first.weight.detach().clone(), first.bias.detach().clone()
+    model.place_units(torch.as_tensor(coords), [0, 1])
+    assert torch.equal(first.weight, w0)
+    H = cfg.width
+    for g, (m, e) in enumerate([(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]):
+        c = coords[m, :, e, 0]
+        c = c[~np.isnan(c)]
+        if len(c) < 8:
+            assert torch.equal(first.bias[g], b0[g])
+            continue
+        kinks = np.sort((-first.bias[g, 0] / first.weight[g, 0]).detach().double().numpy())
+        np.testing.assert_allclose(kinks, np.quantile(c, (np.arange(H) + 0.5) / H), rtol=1e-5,
+                                   atol=1e-6)
+    # each model as it would be alone (its own seed and codes)
+    alone = MoEAE(cfg, [2])
+    alone.reset_parameters([1])
+    alone.place_units(torch.as_tensor(coords[1:, :, :2]), [1])
+    torch.testing.assert_close(alone.decoder.linears()[0].bias[0], first.bias[3])
+    # surfaces keep their units
+    surface = MoEAE(ModelConfig(n_features=3, n_experts=2, latent_dim=2, width=16), [2])
+    surface.reset_parameters([0])
+    b = surface.decoder.linears()[0].bias.detach().clone()
+    surface.place_units(torch.zeros(1, 20, 2, 2), [0])
+    assert torch.equal(surface.decoder.linears()[0].bias, b)
+
+
+def test_the_best_recipe_starts_curve_decoders_bending_among_their_codes():
+    from moeae import datasets as ds
+
+    X, _ = ds.make_circle(200, random_state=0)
+    mc, tc = recipe("best", n_features=2, n_experts=2, latent_dim=1, seed=0, device="cpu")
+    assert tc.place_units
+    kinks = {}
+    for place in (False, True):
+        tc.place_units = place
+        tr = Trainer(MoEAE(mc, [2]), tc, [0], torch.device("cpu"))
+        tr.initialize(tr.data(X))
+        first = tr.model.decoder.linears()[0]
+        kinks[place] = (-first.bias[:, 0] / first.weight[:, 0]).detach().numpy()  # (G, H)
+        codes = tr.coords[0].numpy()  # (n, E, 1)
+    for g in range(2):
+        lo, hi = np.nanmin(codes[:, g, 0]), np.nanmax(codes[:, g, 0])
+        assert ((kinks[True][g] >= lo) & (kinks[True][g] <= hi)).all()
+        # as initialised, most bend outside the codes the chart uses
+        assert ((kinks[False][g] < lo) | (kinks[False][g] > hi)).mean() > 0.5

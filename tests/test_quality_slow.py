@@ -68,19 +68,21 @@ def test_untuned_curve_with_crossings():
     assert est.reconstruction_error(X_te, "hard") <= 5e-4
 
 
-def test_untuned_curve_with_cusps_fits_with_the_graphs_two_charts():
-    """An epicycloid with 3 cusps: the neighbour graph gives 2 charts, which missed the cusps
-    the same way along the chart while their output layers were trained alone (session 11:
-    training FVU 2.2e-4, so the atlas trained 3); with solved output layers (moeae.readout)
-    the 2 charts fit (session 13: training FVU 4.0e-5, new points 5.2e-5)."""
+def test_untuned_curve_with_cusps_fits_within_the_goal():
+    """An epicycloid with 3 cusps: the neighbour graph gives 2 charts, which can miss the cusps
+    the same way along the chart (2 charts fixed, seeds 0-7, session 14: hard FVU 5.2e-5 to
+    3.0e-4, 4 of 8 within 1e-4). Seed 0's underfit (training FVU 1.4e-4, residuals as trained
+    agreeing 0.86), so the atlas trains a third chart and fits (new points 7.3e-5; session 13,
+    2 charts: 5.2e-5)."""
     def epicycloid(t):
         return np.c_[4 * np.cos(t) - np.cos(4 * t), 4 * np.sin(t) - np.sin(4 * t)]
 
     X = epicycloid(np.random.default_rng(0).uniform(0, 2 * np.pi, 1000))
     X_te = epicycloid(np.linspace(0, 2 * np.pi, 1000))
     est = MoEAutoencoder(n_experts="auto", random_state=0).fit(X)
-    fits = [f for f in est.chart_choice_ if "tear" in f]
-    assert [(f["n_charts"], f["reason"]) for f in fits] == [(2, None)]
+    fits = [(f["n_charts"], f["reason"]) for f in est.chart_choice_ if "tear" in f]
+    assert fits[0][0] == 2 and fits[-1][1] is None  # the graph's count, then fits that stop
+    assert all(reason == "underfit" for _, reason in fits[:-1]) and len(fits) <= 2
     assert est.reconstruction_error(X_te, "hard") <= 1e-4
 
 

@@ -67,6 +67,9 @@ class TrainConfig:
     warm_start_epochs: int = 0  #: epochs of training towards the initial charts
     init_overlap: float = 0.0  #: soft initial charts near boundaries (0: hard)
     latent_init: float = 0.0  #: warm-start pull of each chart's z towards geodesic coordinates
+    place_units: bool = False  #: curves, with latent_init: each decoder's first-layer units
+    #:                            start with their kinks at quantiles of its chart's starting
+    #:                            codes (MoEAE.place_units)
     relabel_neighbors: int = 0  #: > 0: per-epoch targets averaged over this many neighbours
     relabel_hard: bool = False  #: per-epoch targets one-hot (the argmax of the average)
     expert_overlap: int = 0  #: > 0: each expert also learns the points near its chart: weight
@@ -111,7 +114,7 @@ def _best_recipe() -> tuple[ModelConfig, TrainConfig]:
     train = TrainConfig(
         epochs=50, min_steps=400, batch_size=64, lr=3e-3, schedule="cosine", warmup_epochs=1,
         router_loss_weight=0.0, routing="responsibility", tau_start=0.1, tau_end=1e-3,
-        chart_init=True, warm_start_epochs=20, init_overlap=0.3, latent_init=1.0,
+        chart_init=True, warm_start_epochs=20, init_overlap=0.3, latent_init=1.0, place_units=True,
         relabel_neighbors=10, relabel_hard=True, expert_overlap=30, learn_routed=True,
         fallback_gate=10.0, standardize=True, refit_outputs=True,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -126,6 +127,38 @@ class MoEAE(nn.Module):
                 self.encoder.reset_group_(g, gen)
                 self.decoder.reset_group_(g, gen)
             g0 += count
+
+    @torch.no_grad()
+    def place_units(self, coords: torch.Tensor, seeds: Sequence[int]) -> None:
+        """Curves: each decoder's first-layer units moved so that their kinks lie among its
+        chart's starting codes; coords (M, n, E, 1), NaN where a point has none.
+
+        A ReLU unit ``relu(w z + b)`` of a one-coordinate decoder bends at ``z = -b / w``. As
+        initialised (``w``, ``b`` uniform in [-1, 1]) those bends spread far beyond the codes a
+        chart uses (about [-0.8, 0.8], :func:`moeae.atlas.initial_atlas`), and the units bending
+        outside are straight over the chart. Here unit j of H bends at the ``(j + 1/2) / H``
+        quantile of the chart's codes, the quantiles dealt to the units in an order drawn from
+        the model's seed; ``w`` is kept. A chart with fewer than 8 coded points keeps its
+        units. Measured (docs/recipes.md, session 14), 20 seeds each, hard FVU median and worst:
+        circle 1.2e-6 -> 7.4e-7 and 5.0e-6 -> 1.2e-6, figure-8 8.5e-6 -> 5.2e-6 and 3.2e-5 ->
+        3.7e-5, spiral 2.1e-5 -> 1.0e-5 and 8.5e-5 -> 6.8e-5. Surfaces (SiLU units, two
+        coordinates, hyperplanes through random codes) gained nothing measurable on the sphere
+        (4 charts, seeds 0-3), so only curves are placed."""
+        if self.cfg.latent_dim != 1:
+            return
+        first = self.decoder.linears()[0]
+        H = first.out_features
+        C = coords.detach().double().cpu().numpy()
+        for g in range(len(self.expert_model)):
+            m, e = int(self.expert_model[g]), int(self.expert_slot[g])
+            c = C[m, :, e, 0]
+            c = c[~np.isnan(c)]
+            if len(c) < 8:
+                continue
+            order = np.random.default_rng([int(seeds[m]), e]).permutation(H)
+            q = np.quantile(c, (np.arange(H) + 0.5) / H)[order]
+            w = first.weight[g, 0]  # (H,)
+            first.bias[g, 0].copy_(-w * torch.as_tensor(q, dtype=w.dtype, device=w.device))
 
     def forward(self, x: torch.Tensor, dropout: DropoutMasks | None = None,
                 mix: bool = True) -> MoEOutput:

@@ -186,6 +186,8 @@ class Trainer:
         for t in (self.labels, self.coords, self.clean):  # every rank: rank 0's atlas
             if t is not None:
                 self.ctx.broadcast_(t)
+        if self.cfg.place_units and self.coords is not None:
+            self.model.place_units(self.coords, self.seeds)
 
     @torch.no_grad()
     def _latents(self, X: torch.Tensor) -> np.ndarray:
