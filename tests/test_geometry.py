@@ -211,9 +211,9 @@ def test_isometric_overrides():
     assert isometric_overrides(True, 2)["isometry"] > 0
     assert isometric_overrides(0.5, 2) == {"isometry": 0.5, "fold_guard": 0.5,
                                            "arc_length": False}
-    # curves: exact arc-length charts instead of the terms
+    # curves: exact arc-length charts instead of the terms, decoders' units as initialised
     assert isometric_overrides(0.5, 1) == {"isometry": 0.0, "fold_guard": 0.0,
-                                           "arc_length": True}
+                                           "arc_length": True, "place_units": False}
     for bad in (-1.0, float("nan"), "yes"):
         with pytest.raises(ValueError, match="isometric"):
             isometric_overrides(bad, 1)

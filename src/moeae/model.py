@@ -143,7 +143,8 @@ class MoEAE(nn.Module):
         circle 1.2e-6 -> 7.4e-7 and 5.0e-6 -> 1.2e-6, figure-8 8.5e-6 -> 5.2e-6 and 3.2e-5 ->
         3.7e-5, spiral 2.1e-5 -> 1.0e-5 and 8.5e-5 -> 6.8e-5. Surfaces (SiLU units, two
         coordinates, hyperplanes through random codes) gained nothing measurable on the sphere
-        (4 charts, seeds 0-3), so only curves are placed."""
+        (4 charts, seeds 0-3), so only curves are placed; arc-length charts do without it
+        (:func:`moeae.config.isometric_overrides`)."""
         if self.cfg.latent_dim != 1:
             return
         first = self.decoder.linears()[0]
