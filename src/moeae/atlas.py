@@ -395,7 +395,7 @@ def choose_charts(X: np.ndarray, latent_dim: int, seed: int = 0, max_charts: int
     rng = np.random.default_rng(seed)
     sub = np.sort(rng.choice(n, max_points, replace=False)) if n > max_points else np.arange(n)
     Xs = np.asarray(X[sub])
-    graph, cl, emb, D = _geodesic_start(Xs, k, cache)
+    _, cl, _, D = _geodesic_start(Xs, k, cache)
     if D is None or len(cl) < 2 * (k + 3):
         return 1, []
     eps, R = _folds(Xs, k, cache)

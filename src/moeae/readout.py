@@ -143,31 +143,28 @@ def refit_outputs(model, x: torch.Tensor, chunk: int = 4096) -> list[dict]:
     Z = torch.cat(codes, 1)  # (G, n, k)
     R = torch.zeros_like(Y)  # (M, n, d): each point's residual in its chart, as trained
     z = torch.zeros(*Y.shape[:2], Z.shape[-1], dtype=torch.float64)  # (M, n, k): its code
-    for g in range(H.shape[0]):
-        m, e = int(model.expert_model[g]), int(model.expert_slot[g])
-        mine = chart[m] == e
-        R[m, mine] = Y[m, mine] - H[g, mine] @ W0[g, :-1] - W0[g, -1]
-        z[m, mine] = Z[g, mine]
-    for m in range(len(model.counts)):  # before any layer changes
-        model.trained_agreement[m] = residual_agreement(
-            np.c_[chart[m].numpy(), z[m].numpy()], R[m].numpy())
     report = []
     for g in range(H.shape[0]):
         m, e = int(model.expert_model[g]), int(model.expert_slot[g])
         mine = chart[m] == e
+        A = torch.cat([H[g], torch.ones(H.shape[1], 1, dtype=torch.float64)], 1)  # (n, p)
+        R[m, mine] = Y[m, mine] - A[mine] @ W0[g]  # as trained (W0 is a copy)
+        z[m, mine] = Z[g, mine]
         n = int(mine.sum())
         info = {"points": n, "lam": float("inf"), "ratio": 1.0, "refit": False}
         report.append(info)
         if n < MIN_POINTS or not bool(model.active[m, e]):
             continue
-        A = torch.cat([H[g], torch.ones(H.shape[1], 1, dtype=torch.float64)], 1)  # (n, p)
         B = math.sqrt(OFF_CHART) * A[~mine]  # the model's other points: stay as trained
-        dW, info["lam"], info["ratio"] = solve(A[mine], Y[m, mine] - A[mine] @ W0[g], B)
+        dW, info["lam"], info["ratio"] = solve(A[mine], R[m, mine], B)
         if dW is None:
             continue
         W = (W0[g] + dW).to(last.weight)
         last.weight[g].copy_(W[:-1])
         last.bias[g, 0].copy_(W[-1])
         info["refit"] = True
+    for m in range(len(model.counts)):
+        model.trained_agreement[m] = residual_agreement(
+            np.c_[chart[m].numpy(), z[m].numpy()], R[m].numpy())
     model.train(was)
     return report
