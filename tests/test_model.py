@@ -1,5 +1,7 @@
 """The stacked model against an independent per-expert computation with the same weights."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -358,3 +360,31 @@ def test_the_best_recipe_starts_curve_decoders_bending_among_their_codes():
         assert ((kinks[True][g] >= lo) & (kinks[True][g] <= hi)).all()
         # as initialised, most bend outside the codes the chart uses
         assert ((kinks[False][g] < lo) | (kinks[False][g] > hi)).mean() > 0.5
+
+
+def test_held_units_stay_where_they_were_placed():
+    """``hold_units`` (best): the placed first layer of curve decoders is not trained; the rest
+    is. Surfaces, and curves whose units were not placed, train every layer."""
+    from moeae import datasets as ds
+
+    X, _ = ds.make_circle(200, random_state=0)
+    mc, tc = recipe("best", n_features=2, n_experts=2, latent_dim=1, seed=0, epochs=3,
+                    device="cpu")
+    assert tc.place_units and tc.hold_units
+    tr = Trainer(MoEAE(mc, [2]), tc, [0], torch.device("cpu"))
+    assert tr.holds_units
+    data = tr.data(X)
+    tr.initialize(data)
+    first, second = tr.model.decoder.linears()[:2]
+    placed = [t.detach().clone() for t in (first.weight, first.bias, second.weight)]
+    tr.fit(data, 3)
+    assert torch.equal(first.weight, placed[0]) and torch.equal(first.bias, placed[1])
+    assert not torch.equal(second.weight, placed[2])
+    tc_free = dataclasses.replace(tc, hold_units=False)
+    assert not Trainer(MoEAE(mc, [2]), tc_free, [0], torch.device("cpu")).holds_units
+    unplaced = dataclasses.replace(tc, place_units=False)
+    assert not Trainer(MoEAE(mc, [2]), unplaced, [0], torch.device("cpu")).holds_units
+    ms, ts = recipe("best", n_features=3, n_experts=2, latent_dim=2, seed=0, device="cpu")
+    surface = Trainer(MoEAE(ms, [2]), ts, [0], torch.device("cpu"))
+    assert not surface.holds_units
+    assert all(p.requires_grad for p in surface.model.parameters())

@@ -70,6 +70,8 @@ class TrainConfig:
     place_units: bool = False  #: curves, with latent_init: each decoder's first-layer units
     #:                            start with their kinks at quantiles of its chart's starting
     #:                            codes (MoEAE.place_units)
+    hold_units: bool = False  #: with place_units: those placed units are not trained (their
+    #:                           kinks stay among the codes; Adam's steps move them about)
     relabel_neighbors: int = 0  #: > 0: per-epoch targets averaged over this many neighbours
     relabel_hard: bool = False  #: per-epoch targets one-hot (the argmax of the average)
     expert_overlap: int = 0  #: > 0: each expert also learns the points near its chart: weight
@@ -115,6 +117,7 @@ def _best_recipe() -> tuple[ModelConfig, TrainConfig]:
         epochs=50, min_steps=400, batch_size=64, lr=3e-3, schedule="cosine", warmup_epochs=1,
         router_loss_weight=0.0, routing="responsibility", tau_start=0.1, tau_end=1e-3,
         chart_init=True, warm_start_epochs=20, init_overlap=0.3, latent_init=1.0, place_units=True,
+        hold_units=True,
         relabel_neighbors=10, relabel_hard=True, expert_overlap=30, learn_routed=True,
         fallback_gate=10.0, standardize=True, refit_outputs=True,
     )

@@ -44,9 +44,14 @@ class FusedAdam:
         self._counts = {dev: torch.zeros(len(mine), dtype=torch.float32, device=dev)
                         for dev, mine in self._on.items()}
         self.steps: list[torch.Tensor] = [torch.empty(())] * len(self.params)
+        self._slot: dict[int, int] = {}  # each parameter's place in its device's counts
         for dev, mine in self._on.items():
             for j, i in enumerate(mine):
                 self.steps[i] = self._counts[dev][j]
+                self._slot[i] = j
+        # parameters that take no gradient (held layers): the counts of the others, by device
+        self._partial: dict[tuple[torch.device, tuple[int, ...]],
+                            tuple[torch.Tensor, torch.Tensor]] = {}
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -63,10 +68,14 @@ class FusedAdam:
                 mine = on
             else:
                 mine = [i for i in on if self.params[i].grad is not None]
-                for i in mine:
-                    self.steps[i].add_(1)
-            if not mine:
-                continue
+                if not mine:
+                    continue
+                key = (dev, tuple(mine))
+                if key not in self._partial:
+                    idx = torch.tensor([self._slot[i] for i in mine], device=dev)
+                    self._partial[key] = idx, torch.ones(len(mine), device=dev)
+                idx, ones = self._partial[key]
+                self._counts[dev].index_add_(0, idx, ones)  # their counts in one operation too
             grads = [cast(torch.Tensor, self.params[i].grad) for i in mine]
             fn([self.params[i] for i in mine], grads,
                [self.exp_avg[i] for i in mine], [self.exp_avg_sq[i] for i in mine], [],

@@ -102,6 +102,9 @@ class Trainer:
         self.ctx = ctx or SINGLE
         self.device = torch.device(self.ctx.device if self.ctx.active else (device or "cpu"))
         self.model = model.to(self.device)
+        if self.holds_units:  # before DDP, which then leaves them out
+            for p in self.model.decoder.linears()[0].parameters():
+                p.requires_grad_(False)
         # under torchrun: each rank takes part of every batch (moeae.data_parallel)
         self.parallel = DataParallel(self.ctx, self.model) if self.ctx.active else None
         self.forward_model = self.model if self.parallel is None else self.parallel.module
@@ -195,6 +198,14 @@ class Trainer:
         m = self.model
         u = ((X.to(self.device) - m.shift) / m.scale)[m.expert_model]  # (G, n, d)
         return m.padded(m.encoder(u)).transpose(1, 2).double().cpu().numpy()
+
+    @property
+    def holds_units(self) -> bool:
+        """Whether curve decoders' first layers stay as :meth:`MoEAE.place_units` places them
+        (``cfg.hold_units``; only where the starting atlas gives codes to place them among)."""
+        c = self.cfg
+        return (c.hold_units and c.place_units and c.chart_init and c.latent_init > 0
+                and self.model.cfg.latent_dim == 1)
 
     @property
     def relabels(self) -> bool:
