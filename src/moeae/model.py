@@ -144,7 +144,8 @@ class MoEAE(nn.Module):
         3.7e-5, spiral 2.1e-5 -> 1.0e-5 and 8.5e-5 -> 6.8e-5. Surfaces (SiLU units, two
         coordinates, hyperplanes through random codes) gained nothing measurable on the sphere
         (4 charts, seeds 0-3), so only curves are placed; arc-length charts do without it
-        (:func:`moeae.config.isometric_overrides`)."""
+        (:func:`moeae.config.isometric_overrides`). With ``TrainConfig.hold_units`` the
+        trainer then leaves this layer as placed (:attr:`moeae.training.Trainer.holds_units`)."""
         if self.cfg.latent_dim != 1:
             return
         first = self.decoder.linears()[0]
