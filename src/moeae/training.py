@@ -201,8 +201,9 @@ class Trainer:
 
     @property
     def holds_units(self) -> bool:
-        """Whether curve decoders' first layers stay as :meth:`MoEAE.place_units` places them
-        (``cfg.hold_units``; only where the starting atlas gives codes to place them among)."""
+        """Whether curve decoders' first layers stay as
+        :meth:`moeae.model.MoEAE.place_units` places them (``cfg.hold_units``; only where the
+        starting atlas gives codes to place them among)."""
         c = self.cfg
         return (c.hold_units and c.place_units and c.chart_init and c.latent_init > 0
                 and self.model.cfg.latent_dim == 1)
