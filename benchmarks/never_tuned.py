@@ -1,0 +1,77 @@
+"""Plane curves never used while tuning the recipe, at default settings with ``n_experts="auto"``.
+
+    python benchmarks/never_tuned.py [--only NAME ...] [--seeds 1]
+
+Cusps (cardioid, astroid, deltoid, nephroid, an epicycloid), branches crossing at one point
+(roses with 3 and 4 petals), several crossings (the trefoil's outline) and smooth closed
+curves of uneven curvature (the lemniscate of Bernoulli, a superellipse). Each seed draws 1000
+training points uniformly in the curve's parameter and is tested on the even 1000-point grid
+(one torch thread). Printed per fit: charts in use, fit time (the choice of charts included),
+hard FVU, and the worst test point's distance from its hard reconstruction, in data units and
+beside the curve's RMS radius.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from moeae import MoEAutoencoder
+
+
+def _polar(r):
+    return lambda t: np.c_[r(t) * np.cos(t), r(t) * np.sin(t)]
+
+
+def _superellipse(t, p=4.0):
+    c, s = np.cos(t), np.sin(t)
+    return np.c_[np.sign(c) * np.abs(c) ** (2 / p), np.sign(s) * np.abs(s) ** (2 / p)]
+
+
+CURVES = {  # name: (x(t) for t of shape (n,) -> (n, 2), the parameter's period)
+    "cardioid": (_polar(lambda t: 1 - np.cos(t)), 2 * np.pi),  # 1 cusp
+    "astroid": (lambda t: np.c_[np.cos(t) ** 3, np.sin(t) ** 3], 2 * np.pi),  # 4 cusps
+    "deltoid": (lambda t: np.c_[2 * np.cos(t) + np.cos(2 * t),
+                                2 * np.sin(t) - np.sin(2 * t)], 2 * np.pi),  # 3 cusps
+    "nephroid": (lambda t: np.c_[3 * np.cos(t) - np.cos(3 * t),
+                                 3 * np.sin(t) - np.sin(3 * t)], 2 * np.pi),  # 2 cusps
+    "epicycloid": (lambda t: np.c_[4 * np.cos(t) - np.cos(4 * t),
+                                   4 * np.sin(t) - np.sin(4 * t)], 2 * np.pi),  # 3 cusps
+    "rose-3": (_polar(lambda t: np.cos(3 * t)), np.pi),  # 3 petals through the centre
+    "rose-4": (_polar(lambda t: np.cos(2 * t)), 2 * np.pi),  # 4 petals
+    "trefoil-outline": (lambda t: np.c_[np.sin(t) + 2 * np.sin(2 * t),
+                                        np.cos(t) - 2 * np.cos(2 * t)], 2 * np.pi),
+    "lemniscate": (lambda t: np.c_[np.cos(t), np.sin(t) * np.cos(t)]
+                   / (1 + np.sin(t) ** 2)[:, None], 2 * np.pi),
+    "superellipse": (_superellipse, 2 * np.pi),  # |x|^4 + |y|^4 = 1
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", default=None, choices=list(CURVES), metavar="NAME")
+    ap.add_argument("--seeds", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(f"{'curve':16s} {'seed':>4s} {'charts':>6s} {'fit s':>6s} {'hard FVU':>9s} "
+          f"{'worst dist':>10s} {'RMS radius':>10s}")
+    for name in args.only or CURVES:
+        x, period = CURVES[name]
+        X_te = x(np.linspace(0, period, 1000, endpoint=False))
+        radius = float(np.sqrt(((X_te - X_te.mean(0)) ** 2).sum(1).mean()))
+        for seed in range(args.seeds):
+            X = x(np.random.default_rng(seed).uniform(0, period, 1000))
+            t = time.perf_counter()
+            est = MoEAutoencoder(n_experts="auto", random_state=seed).fit(X)
+            sec = time.perf_counter() - t
+            worst = np.linalg.norm(est.inverse_transform(est.transform(X_te)) - X_te, axis=1).max()
+            print(f"{name:16s} {seed:4d} {est.n_charts_:6d} {sec:6.1f} "
+                  f"{est.reconstruction_error(X_te, 'hard'):9.2e} {worst:10.3f} {radius:10.2f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
