@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .atlas import align_coordinates, clean_points, initial_atlas
+from .checkpoint import member_state
 from .config import TrainConfig
 from .data_parallel import DataParallel
 from .distributed import SINGLE, Context, DistributedError
@@ -446,42 +447,6 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, X: torch.Tensor, chunk: int = EVAL_CHUNK) -> dict[str, np.ndarray]:
         return evaluate(self.model, X, chunk)
-
-
-def member_state(trainer, m: int) -> dict:
-    """Model ``m`` of a trainer's population alone, in the layout of
-    :meth:`moeae.training.Trainer.state_dict`: its weights, its slice of the Adam state, its
-    shuffling and dropout streams, its routing targets and its loss history, so a
-    :class:`~moeae.training.Trainer` of that one model continues it."""
-    model = trainer.model
-    one = model.select(m)
-    E = model.counts[m]
-    g0 = sum(model.counts[:m])
-    names = [name for name, _ in model.named_parameters()]
-    shapes = {name: p.shape for name, p in one.named_parameters()}
-    osd = trainer.optimizer.state_dict()
-    state = {}
-    for i, name in enumerate(names):  # FusedAdam keeps model.parameters()' order
-        def part(t, name=name):
-            if name.startswith("router."):  # one group per model, outputs padded to max E
-                return t[m:m + 1][..., :shapes[name][-1]].clone()
-            return t[g0:g0 + E].clone()  # encoder, decoder: one group per expert
-        st = osd["state"][i]
-        state[i] = {"step": st["step"].clone(), "exp_avg": part(st["exp_avg"]),
-                    "exp_avg_sq": part(st["exp_avg_sq"])}
-    full = trainer.state_dict()
-    extra = {}
-    for key, t in full["extra"].items():
-        t = t[m:m + 1]
-        extra[key] = t[:, :, :E].clone() if key in ("labels", "coords") else t.clone()
-    st = full["state"]
-    return {"model": one.state_dict(),
-            "optimizer": {"state": state, "param_groups": osd["param_groups"]},
-            "rng": {"shuffle.0": full["rng"][f"shuffle.{m}"],
-                    "dropout.0": full["rng"][f"dropout.{m}"]},
-            "extra": extra,
-            "state": {"epoch": st["epoch"], "step": st["step"],
-                      "history": [[h[m]] for h in st["history"]], "seeds": [st["seeds"][m]]}}
 
 
 @torch.no_grad()
