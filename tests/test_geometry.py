@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from moeae import datasets as ds
-from moeae.config import ModelConfig, TrainConfig, isometric_overrides, recipe
+from moeae.config import (ARC_MIN_STEPS, ModelConfig, TrainConfig, isometric_overrides,
+                          recipe)
 from moeae.geometry import (
     distance_ratio_spread,
     isometry_terms,
@@ -213,7 +214,8 @@ def test_isometric_overrides():
                                            "arc_length": False}
     # curves: exact arc-length charts instead of the terms, decoders' units as initialised
     assert isometric_overrides(0.5, 1) == {"isometry": 0.0, "fold_guard": 0.0,
-                                           "arc_length": True, "place_units": False}
+                                           "arc_length": True, "place_units": False,
+                                           "arc_min_steps": ARC_MIN_STEPS}
     for bad in (-1.0, float("nan"), "yes"):
         with pytest.raises(ValueError, match="isometric"):
             isometric_overrides(bad, 1)

@@ -46,7 +46,8 @@ def test_a_residual_the_features_explain_is_solved_and_noise_is_left_alone():
 
 def _trained(X, refit, epochs=30, n_experts=2, seeds=(0,)):
     mc, tc = recipe("best", n_features=X.shape[1], n_experts=n_experts, latent_dim=1,
-                    epochs=epochs, seed=seeds[0], refit_outputs=refit, device="cpu")
+                    epochs=epochs, seed=seeds[0], refit_outputs=refit, device="cpu",
+                    arc_length=False)  # the encoders' codes, which the solve reads
     tr = Trainer(MoEAE(mc, [n_experts] * len(seeds)), tc, list(seeds), torch.device("cpu"))
     data = tr.data(X)
     tr.initialize(data)

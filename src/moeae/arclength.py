@@ -112,7 +112,10 @@ def project(model, x: torch.Tensor, steps: int = STEPS
     ones = torch.ones_like(z)[..., None]
     best_z, best_d = z, torch.full_like(z, float("inf"))
     for i in range(steps + 1):
-        y, jv = stacked_jvp(model.decoder, z[..., None], ones)  # (G, B, d) each
+        if i < steps:
+            y, jv = stacked_jvp(model.decoder, z[..., None], ones)  # (G, B, d) each
+        else:  # the last step's code needs only its distance
+            y = model.decoder(z[..., None])
         r = y - u
         d2 = (r**2).sum(-1)
         better = d2 < best_d

@@ -21,9 +21,10 @@ __all__ = ["ModelConfig", "TrainConfig", "RECIPES", "recipe", "to_dict", "from_d
            "ISOMETRIC_WEIGHT", "ARC_MIN_STEPS", "isometric_overrides", "with_budget"]
 
 ISOMETRIC_WEIGHT = 1.0  #: weight of the isometry and folding terms when isometric is True
-#: Steps at least for arc-length charts (:mod:`moeae.arclength`) under a step budget: their
-#: codes read each decoder's curve between the training points, which settles later than the
-#: reconstruction (figure-8, worst chart speed CV: up to 0.044 after 800 steps, 0.011 after 1600)
+#: Steps at least for ``isometric=True`` on curves (``TrainConfig.arc_min_steps``) under a step
+#: budget: arc-length codes read each decoder's curve between the training points, which settles
+#: later than the reconstruction (figure-8, worst chart speed CV: up to 0.044 after 800 steps,
+#: 0.011 after 1600)
 ARC_MIN_STEPS = 1600
 
 
@@ -99,6 +100,8 @@ class TrainConfig:
     #:                               (moeae.readout)
     arc_length: bool = False  #: curves: after training, codes are arc length along each
     #:                           chart, points coded by projection (moeae.arclength)
+    arc_min_steps: int = 0  #: curves with arc_length: a step budget (min_steps) makes at
+    #:                         least this many steps (isometric=True: ARC_MIN_STEPS)
     working_set: int = 2000  #: points per epoch; larger data: a fresh random sample each epoch
     n_init: int = 1  #: independent starts (seeds seed, seed + 1, ...), trained as one
     #:                population; the one that reconstructs the training data best is kept
@@ -120,7 +123,7 @@ def _best_recipe() -> tuple[ModelConfig, TrainConfig]:
         chart_init=True, warm_start_epochs=20, init_overlap=0.3, latent_init=1.0, place_units=True,
         hold_units=True,
         relabel_neighbors=10, relabel_hard=True, expert_overlap=30, learn_routed=True,
-        fallback_gate=10.0, standardize=True, refit_outputs=True,
+        fallback_gate=10.0, standardize=True, refit_outputs=True, arc_length=True,
     )
     return model, train
 
@@ -152,7 +155,7 @@ def recipe(name: str, **overrides: Any) -> tuple[ModelConfig, TrainConfig]:
 def with_budget(model: ModelConfig, train: TrainConfig, n_samples: int) -> TrainConfig:
     """``train`` with ``epochs`` raised until a fit on ``n_samples`` points makes at least
     ``min_steps x latent_dim^2`` steps (each epoch: ``ceil(min(n, working_set) / batch_size)``),
-    and arc-length charts at least :data:`ARC_MIN_STEPS`.
+    and arc-length charts at least ``arc_min_steps``.
 
     A chart of k coordinates needs a resolution in each of them. With solved output layers
     (:mod:`moeae.readout`), measured in session 13: a 1000-point curve's 50 epochs (800
@@ -165,7 +168,7 @@ def with_budget(model: ModelConfig, train: TrainConfig, n_samples: int) -> Train
     per_epoch = math.ceil(min(n_samples, train.working_set) / train.batch_size)
     steps = train.min_steps * model.latent_dim**2
     if train.arc_length and model.latent_dim == 1:
-        steps = max(steps, ARC_MIN_STEPS)
+        steps = max(steps, train.arc_min_steps)
     need = math.ceil(steps / max(1, per_epoch))
     return dataclasses.replace(train, epochs=max(train.epochs, need))
 
@@ -179,7 +182,9 @@ def isometric_overrides(isometric, latent_dim: int) -> dict:
     so the terms are off (they cost 1.3-2x the fit time and did not reach what the
     reparametrisation does, docs/recipes.md), and so is ``place_units``: with it the figure-8's
     arc-length charts kept lengths on 18 of 20 seeds instead of 20 (session 14: near the waist,
-    seed 9 coded a neighbour on the other branch)."""
+    seed 9 coded a neighbour on the other branch); at least :data:`ARC_MIN_STEPS` steps. False:
+    the encoders' own codes (``arc_length`` off; the ``best`` recipe's curves otherwise get
+    arc-length codes from decoders with placed units, which reconstruct closer)."""
     if isometric is None:
         return {}
     if isinstance(isometric, bool) or type(isometric).__name__ == "bool_":
@@ -195,7 +200,7 @@ def isometric_overrides(isometric, latent_dim: int) -> dict:
     if latent_dim == 1:
         out: dict = {"isometry": 0.0, "fold_guard": 0.0, "arc_length": w > 0}
         if w > 0:
-            out["place_units"] = False
+            out.update(place_units=False, arc_min_steps=ARC_MIN_STEPS)
         return out
     return {"isometry": w, "fold_guard": w, "arc_length": False}
 

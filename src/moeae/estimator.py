@@ -80,12 +80,18 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
     isometric : bool or float, optional
         Charts that keep lengths. Curves (``latent_dim=1``): arc-length charts
         (:mod:`moeae.arclength`), each code the arc length in data units to the nearest point
-        of the nearest chart's curve (smoothed along it), for True or any weight > 0.
+        of the nearest chart's curve (smoothed along it). The ``best`` recipe gives curves
+        these by default (None), from decoders whose first-layer units it placed among the
+        codes; True (or any weight > 0) trains the decoders with those units as initialised
+        and at least ``moeae.config.ARC_MIN_STEPS`` steps, which keeps lengths on more
+        figure-8 seeds and fewer spiral seeds (docs/results.md). False: the encoders' own
+        codes (tanh, in [-1, 1]), which encode about ten times faster than projection but
+        reconstruct 2-7 times less closely.
         Surfaces: training terms (:mod:`moeae.geometry`) by which each decoder keeps lengths up
         to one scale per chart (``J^T J = s_e^2 I``), with a folding guard keeping its stretch
         within a band around that scale; True uses weight ``moeae.config.ISOMETRIC_WEIGHT``
-        (1) for both terms, a float sets the weight. False turns either off; None (default)
-        keeps the recipe's choice.
+        (1) for both terms, a float sets the weight; None and False: off (the ``best``
+        recipe's surfaces train without them).
     device : {"auto", "cpu", "cuda"}, default="auto"
     random_state : int or None, default=None
         Seed of initialisation, shuffling and dropout. None draws one from numpy's global RNG.
