@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from moeae import datasets as ds
-from moeae.config import (ARC_MIN_STEPS, ModelConfig, TrainConfig, isometric_overrides,
-                          recipe)
+from moeae.config import ModelConfig, TrainConfig, isometric_overrides, recipe
 from moeae.geometry import (
     distance_ratio_spread,
     isometry_terms,
@@ -212,10 +211,10 @@ def test_isometric_overrides():
     assert isometric_overrides(True, 2)["isometry"] > 0
     assert isometric_overrides(0.5, 2) == {"isometry": 0.5, "fold_guard": 0.5,
                                            "arc_length": False}
-    # curves: exact arc-length charts instead of the terms, decoders' units as initialised
+    # curves: exact arc-length charts instead of the terms (the best recipe's own choice)
     assert isometric_overrides(0.5, 1) == {"isometry": 0.0, "fold_guard": 0.0,
-                                           "arc_length": True, "place_units": False,
-                                           "arc_min_steps": ARC_MIN_STEPS}
+                                           "arc_length": True}
+    assert recipe("best")[1].arc_length
     for bad in (-1.0, float("nan"), "yes"):
         with pytest.raises(ValueError, match="isometric"):
             isometric_overrides(bad, 1)

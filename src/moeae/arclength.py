@@ -10,7 +10,12 @@ monotone table ``s(u)`` (:func:`tables`). A point is then coded by *projection* 
 - the chart whose curve passes nearest the point is its chart;
 - its code is the arc length ``s(u)`` of that nearest point, in data units, smoothed
   (:func:`smooth`): a Gaussian-weighted mean of arc length along the traced curve near it, the
-  kernel as wide as the point's distance from the curve and at least ``SMOOTH`` knots.
+  kernel as wide as the point's distance from the curve and at least ``SMOOTH`` knots, where
+  that mean decodes near the point (``KEEP``; not across the tip of a cusp).
+
+The ``best`` recipe codes every curve so (``TrainConfig.arc_length``): the decoder's nearest
+point reconstructs 2-7 times closer than the decoder at the encoder's code (docs/recipes.md,
+session 16), at about eight times the encoding time.
 
 Decoding inverts the table (``u(s)``) and runs the decoder. Measured on one fit of the figure-8
 (2 charts, seed 0, 1000 training points, 1000-point test grid): the worst chart's speed CV is
@@ -19,7 +24,9 @@ through the table gave about twice the projection's CV, and unmapped about five 
 piecewise-linear (ReLU) encoder's speed changes from one linear piece to the next, which
 projection does not see; where the traced curve bends away from the data (a kink of the
 decoder, 0.01-0.02 off) the nearest point jumps, which the kernel spreads out (the same fits,
-seeds 0-19: worst 0.135 -> 0.031). The reparametrisation is exact, so curves need no isometry
+seeds 0-19: worst 0.135 -> 0.031). At a cusp the mean runs across the tip, both sides of it
+near the point, and decodes away from it (an epicycloid with 3 cusps, seed 2, hard FVU 1.1e-4
+smoothed, 1.9e-5 not), hence ``KEEP``. The reparametrisation is exact, so curves need no isometry
 term in training (:func:`moeae.config.isometric_overrides`).
 
 Dimension legend: ``M`` models, ``E`` experts per model, ``G`` experts of the population,
@@ -32,14 +39,19 @@ import torch
 
 from .geometry import stacked_jvp
 
-__all__ = ["KNOTS", "PAD", "STEPS", "SMOOTH", "interp", "tables", "project", "smooth", "raw_codes",
-           "network_codes"]
+__all__ = ["KNOTS", "PAD", "STEPS", "SMOOTH", "KEEP", "SLACK", "interp", "tables", "project",
+           "smooth", "raw_codes", "network_codes"]
 
 KNOTS = 1025  #: knots of each chart's table (the decoder is traced at these codes)
 PAD = 0.05  #: the traced range reaches this fraction of a chart's code range beyond its points
 STEPS = 3  #: Gauss-Newton steps of a projection (3 and 20 gave the same codes to 4 digits of
 #:            the speed CV and hard FVU on the circle, figure-8 and spiral, seed 0)
 SMOOTH = 4.0  #: the least width of the smoothing kernel, in knots (the chart's length / 256)
+#: A smoothed code is kept where it decodes at most sqrt(KEEP) times as far from the point as
+#: its nearest point does, plus sqrt(SLACK) knots; else the nearest point's code. Beside a kink
+#: the mean decodes within 1.5 knots more (figure-8, seeds 1 and 6); across a cusp's tip up to
+#: 6 knots (epicycloid seed 2, astroid seed 1)
+KEEP, SLACK = 4.0, 4.0
 REACH, SAMPLES = 4.0, 33  #: the kernel is sampled at SAMPLES points within REACH widths
 
 
@@ -103,14 +115,15 @@ def project(model, x: torch.Tensor, steps: int = STEPS
     point's code (M, B, d), every chart's arc-length code (G, B, 1) and squared distance (G, B) in
     data units. Gauss-Newton from each encoder's code, kept within the chart's traced range;
     the best code any step reached gives the distance, and the arc length at it, smoothed
-    (:func:`smooth`), the code; ``x_hat`` decodes that code."""
+    (:func:`smooth`) where that decodes near the point (:data:`KEEP`), the code; ``x_hat``
+    decodes that code."""
     g_m, g_e = model.expert_model, model.expert_slot
     code, length = model.arc_code[g_m, g_e], model.arc_length[g_m, g_e]  # (G, T)
     lo, hi = code[:, :1], code[:, -1:]  # (G, 1)
     u = ((x - model.shift) / model.scale)[g_m]  # (G, B, d)
     z = torch.minimum(torch.maximum(model.encoder(u)[..., 0], lo), hi)  # (G, B)
     ones = torch.ones_like(z)[..., None]
-    best_z, best_d = z, torch.full_like(z, float("inf"))
+    best_z, best_d, best_y = z, torch.full_like(z, float("inf")), torch.zeros_like(u)
     for i in range(steps + 1):
         if i < steps:
             y, jv = stacked_jvp(model.decoder, z[..., None], ones)  # (G, B, d) each
@@ -120,16 +133,24 @@ def project(model, x: torch.Tensor, steps: int = STEPS
         d2 = (r**2).sum(-1)
         better = d2 < best_d
         best_z, best_d = torch.where(better, z, best_z), torch.where(better, d2, best_d)
+        best_y = torch.where(better[..., None], y, best_y)
         if i == steps:
             break
         step = (jv * r).sum(-1) / (jv**2).sum(-1).clamp_min(1e-30)
         z = torch.minimum(torch.maximum(z - step, lo), hi)
     scale = model.scale[g_m]  # (G, 1, 1)
     dist2 = best_d * scale[..., 0] ** 2  # (G, B) in data units
-    s = smooth(model, x, interp(best_z, code, length), dist2)[..., None]  # (G, B, 1)
+    near = interp(best_z, code, length)  # (G, B): the nearest point's arc length
+    s = smooth(model, x, near, dist2)[..., None]  # (G, B, 1)
+    y = model.decoder(raw_codes(model, s))  # (G, B, d)
+    # the smoothed code only where it decodes near the point (not across a cusp's tip)
+    knot2 = (length[:, -1:] / (length.shape[1] - 1)) ** 2 / scale[..., 0] ** 2  # (G, 1)
+    keep = ((y - u) ** 2).sum(-1) <= KEEP * best_d + SLACK * knot2  # (G, B)
+    s = torch.where(keep[..., None], s, near[..., None])
+    y = torch.where(keep[..., None], y, best_y)
     d = model.padded(dist2).masked_fill(~model.active[..., None], float("inf"))  # (M, E, B)
     chart = d.argmin(1)  # (M, B)
-    y = model.padded(model.decoder(raw_codes(model, s)) * scale + model.shift[g_m])  # (M, E, B, d)
+    y = model.padded(y * scale + model.shift[g_m])  # (M, E, B, d)
     x_hat = y.gather(1, chart[:, None, :, None].expand(-1, 1, -1, y.shape[-1]))[:, 0]
     return chart, x_hat, s, dist2
 

@@ -159,12 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--isometric", type=float, nargs="?", const=1.0, default=None,
                    metavar="WEIGHT",
                    help="charts that keep lengths: for curves, codes are arc length "
-                        "(moeae.arclength; the best recipe's default, from decoders with "
-                        "placed units; --isometric trains them unplaced and longer, 0 gives "
-                        "the encoders' codes); for surfaces, each decoder keeps lengths up to "
-                        "one scale per chart, with a guard against folds (moeae.geometry), "
-                        "WEIGHT of both terms, 1 when omitted; 0 turns either off (default: "
-                        "the recipe's)")
+                        "(moeae.arclength; the best recipe's default; 0 gives the encoders' "
+                        "codes); for surfaces, each decoder keeps lengths up to one scale per "
+                        "chart, with a guard against folds (moeae.geometry), WEIGHT of both "
+                        "terms, 1 when omitted; 0 turns either off (default: the recipe's)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="where to train (default: auto)")
     _add_progress(t)

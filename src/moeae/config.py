@@ -18,14 +18,9 @@ from typing import Any
 
 __all__ = ["ModelConfig", "TrainConfig", "RECIPES", "recipe", "to_dict", "from_dict",
            "ConfigError", "RUN_KEYS", "read_config_file", "merge_settings",
-           "ISOMETRIC_WEIGHT", "ARC_MIN_STEPS", "isometric_overrides", "with_budget"]
+           "ISOMETRIC_WEIGHT", "isometric_overrides", "with_budget"]
 
 ISOMETRIC_WEIGHT = 1.0  #: weight of the isometry and folding terms when isometric is True
-#: Steps at least for ``isometric=True`` on curves (``TrainConfig.arc_min_steps``) under a step
-#: budget: arc-length codes read each decoder's curve between the training points, which settles
-#: later than the reconstruction (figure-8, worst chart speed CV: up to 0.044 after 800 steps,
-#: 0.011 after 1600)
-ARC_MIN_STEPS = 1600
 
 
 @dataclass
@@ -100,8 +95,6 @@ class TrainConfig:
     #:                               (moeae.readout)
     arc_length: bool = False  #: curves: after training, codes are arc length along each
     #:                           chart, points coded by projection (moeae.arclength)
-    arc_min_steps: int = 0  #: curves with arc_length: a step budget (min_steps) makes at
-    #:                         least this many steps (isometric=True: ARC_MIN_STEPS)
     working_set: int = 2000  #: points per epoch; larger data: a fresh random sample each epoch
     n_init: int = 1  #: independent starts (seeds seed, seed + 1, ...), trained as one
     #:                population; the one that reconstructs the training data best is kept
@@ -154,8 +147,7 @@ def recipe(name: str, **overrides: Any) -> tuple[ModelConfig, TrainConfig]:
 
 def with_budget(model: ModelConfig, train: TrainConfig, n_samples: int) -> TrainConfig:
     """``train`` with ``epochs`` raised until a fit on ``n_samples`` points makes at least
-    ``min_steps x latent_dim^2`` steps (each epoch: ``ceil(min(n, working_set) / batch_size)``),
-    and arc-length charts at least ``arc_min_steps``.
+    ``min_steps x latent_dim^2`` steps (each epoch: ``ceil(min(n, working_set) / batch_size)``).
 
     A chart of k coordinates needs a resolution in each of them. With solved output layers
     (:mod:`moeae.readout`), measured in session 13: a 1000-point curve's 50 epochs (800
@@ -167,8 +159,6 @@ def with_budget(model: ModelConfig, train: TrainConfig, n_samples: int) -> Train
         return train
     per_epoch = math.ceil(min(n_samples, train.working_set) / train.batch_size)
     steps = train.min_steps * model.latent_dim**2
-    if train.arc_length and model.latent_dim == 1:
-        steps = max(steps, train.arc_min_steps)
     need = math.ceil(steps / max(1, per_epoch))
     return dataclasses.replace(train, epochs=max(train.epochs, need))
 
@@ -180,11 +170,8 @@ def isometric_overrides(isometric, latent_dim: int) -> dict:
     Surfaces (``latent_dim`` >= 2): the isometry and folding-guard weights. Curves: arc-length
     charts (``arc_length``, :mod:`moeae.arclength`) for any weight > 0, exact after training,
     so the terms are off (they cost 1.3-2x the fit time and did not reach what the
-    reparametrisation does, docs/recipes.md), and so is ``place_units``: with it the figure-8's
-    arc-length charts kept lengths on 18 of 20 seeds instead of 20 (session 14: near the waist,
-    seed 9 coded a neighbour on the other branch); at least :data:`ARC_MIN_STEPS` steps. False:
-    the encoders' own codes (``arc_length`` off; the ``best`` recipe's curves otherwise get
-    arc-length codes from decoders with placed units, which reconstruct closer)."""
+    reparametrisation does, docs/recipes.md); the ``best`` recipe's curves have them already.
+    False: the encoders' own codes (``arc_length`` off)."""
     if isometric is None:
         return {}
     if isinstance(isometric, bool) or type(isometric).__name__ == "bool_":
@@ -198,10 +185,7 @@ def isometric_overrides(isometric, latent_dim: int) -> dict:
         raise ValueError(f"isometric must be None, a bool or a finite weight >= 0, "
                          f"got {isometric!r}")
     if latent_dim == 1:
-        out: dict = {"isometry": 0.0, "fold_guard": 0.0, "arc_length": w > 0}
-        if w > 0:
-            out.update(place_units=False, arc_min_steps=ARC_MIN_STEPS)
-        return out
+        return {"isometry": 0.0, "fold_guard": 0.0, "arc_length": w > 0}
     return {"isometry": w, "fold_guard": w, "arc_length": False}
 
 

@@ -80,13 +80,10 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
     isometric : bool or float, optional
         Charts that keep lengths. Curves (``latent_dim=1``): arc-length charts
         (:mod:`moeae.arclength`), each code the arc length in data units to the nearest point
-        of the nearest chart's curve (smoothed along it). The ``best`` recipe gives curves
-        these by default (None), from decoders whose first-layer units it placed among the
-        codes; True (or any weight > 0) trains the decoders with those units as initialised
-        and at least ``moeae.config.ARC_MIN_STEPS`` steps, which keeps lengths on more
-        figure-8 seeds and fewer spiral seeds (docs/results.md). False: the encoders' own
-        codes (tanh, in [-1, 1]), which encode about ten times faster than projection but
-        reconstruct 2-7 times less closely.
+        of the nearest chart's curve (smoothed along it); the ``best`` recipe codes curves so
+        by default (None), and True or any weight > 0 asks for it under any recipe. False:
+        the encoders' own codes (tanh, in [-1, 1]), which encode about eight times faster than
+        projection but reconstruct 2-7 times less closely.
         Surfaces: training terms (:mod:`moeae.geometry`) by which each decoder keeps lengths up
         to one scale per chart (``J^T J = s_e^2 I``), with a folding guard keeping its stretch
         within a band around that scale; True uses weight ``moeae.config.ISOMETRIC_WEIGHT``
