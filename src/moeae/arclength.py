@@ -7,7 +7,8 @@ monotone table ``s(u)`` (:func:`tables`). A point is then coded by *projection* 
 
 - every chart's encoder gives a first code, refined by Gauss-Newton steps to the nearest point
   of that chart's curve (within its traced range);
-- the chart whose curve passes nearest the point is its chart;
+- the chart whose curve passes nearest the point is its chart (the router's, where its curve
+  passes within ``TIE`` knots of the nearest);
 - its code is the arc length ``s(u)`` of that nearest point, in data units, smoothed
   (:func:`smooth`): a Gaussian-weighted mean of arc length along the traced curve near it, the
   kernel as wide as the point's distance from the curve and at least ``SMOOTH`` knots, where
@@ -39,7 +40,7 @@ import torch
 
 from .geometry import stacked_jvp
 
-__all__ = ["KNOTS", "PAD", "STEPS", "SMOOTH", "KEEP", "SLACK", "interp", "tables", "project",
+__all__ = ["KNOTS", "PAD", "STEPS", "SMOOTH", "KEEP", "SLACK", "TIE", "interp", "tables", "project",
            "smooth", "raw_codes", "network_codes"]
 
 KNOTS = 1025  #: knots of each chart's table (the decoder is traced at these codes)
@@ -52,6 +53,11 @@ SMOOTH = 4.0  #: the least width of the smoothing kernel, in knots (the chart's 
 #: the mean decodes within 1.5 knots more (figure-8, seeds 1 and 6); across a cusp's tip up to
 #: 6 knots (epicycloid seed 2, astroid seed 1)
 KEEP, SLACK = 4.0, 4.0
+#: Where a chart's curve passes within TIE knots (in distance, squared) of the nearest chart's,
+#: the router's chart keeps the point: in an overlap both curves lie within the fit's error,
+#: and the nearest alone interleaves the two charts' points (spiral seeds 0 and 1: 9 and 7 arcs
+#: in one chart; with TIE 1, 2 and 2, the figure-8 keeping lengths on the same 19 of 20 seeds)
+TIE = 1.0
 REACH, SAMPLES = 4.0, 33  #: the kernel is sampled at SAMPLES points within REACH widths
 
 
@@ -107,11 +113,12 @@ def tables(model, x: torch.Tensor, chart: torch.Tensor,
 
 
 @torch.no_grad()
-def project(model, x: torch.Tensor, steps: int = STEPS
+def project(model, x: torch.Tensor, steps: int = STEPS, prefer: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every chart's nearest point to each point of x (M, B, d) on its traced curve.
 
-    Returns ``(chart, x_hat, s, dist2)``: the nearest active chart (M, B), its decoding of the
+    Returns ``(chart, x_hat, s, dist2)``: the nearest active chart (M, B) (or ``prefer``'s, the
+    router's, where that passes within :data:`TIE` knots of the nearest), its decoding of the
     point's code (M, B, d), every chart's arc-length code (G, B, 1) and squared distance (G, B) in
     data units. Gauss-Newton from each encoder's code, kept within the chart's traced range;
     the best code any step reached gives the distance, and the arc length at it, smoothed
@@ -150,6 +157,11 @@ def project(model, x: torch.Tensor, steps: int = STEPS
     y = torch.where(keep[..., None], y, best_y)
     d = model.padded(dist2).masked_fill(~model.active[..., None], float("inf"))  # (M, E, B)
     chart = d.argmin(1)  # (M, B)
+    if prefer is not None and TIE > 0:  # within TIE knots of the nearest: the preferred chart
+        knot = model.padded(length[:, -1:] / (length.shape[1] - 1))[..., 0]  # (M, E)
+        own = d.gather(1, prefer[:, None]).squeeze(1)  # (M, B)
+        tie = own <= d.gather(1, chart[:, None]).squeeze(1) + (TIE * knot.gather(1, prefer)) ** 2
+        chart = torch.where(tie, prefer, chart)
     y = model.padded(y * scale + model.shift[g_m])  # (M, E, B, d)
     x_hat = y.gather(1, chart[:, None, :, None].expand(-1, 1, -1, y.shape[-1]))[:, 0]
     return chart, x_hat, s, dist2

@@ -338,7 +338,7 @@ class MoEAE(nn.Module):
         if self.arc:
             from .arclength import project
 
-            chart, y, s, _ = project(self, x)
+            chart, y, s, _ = project(self, x, prefer=out.probs.argmax(-1))
             return chart, y, self.padded(s)
         chart, y = self.hard(out, x)
         return chart, y, self.padded(out.latents)
