@@ -41,7 +41,7 @@ import torch
 from .geometry import stacked_jvp
 
 __all__ = ["KNOTS", "PAD", "STEPS", "SMOOTH", "KEEP", "SLACK", "TIE", "interp", "tables", "project",
-           "smooth", "raw_codes", "network_codes"]
+           "smooth", "knot_length", "raw_codes", "network_codes"]
 
 KNOTS = 1025  #: knots of each chart's table (the decoder is traced at these codes)
 PAD = 0.05  #: the traced range reaches this fraction of a chart's code range beyond its points
@@ -151,16 +151,17 @@ def project(model, x: torch.Tensor, steps: int = STEPS, prefer: torch.Tensor | N
     s = smooth(model, x, near, dist2)[..., None]  # (G, B, 1)
     y = model.decoder(raw_codes(model, s))  # (G, B, d)
     # the smoothed code only where it decodes near the point (not across a cusp's tip)
-    knot2 = (length[:, -1:] / (length.shape[1] - 1)) ** 2 / scale[..., 0] ** 2  # (G, 1)
+    knot = knot_length(length)  # (G, 1) in data units
+    knot2 = knot**2 / scale[..., 0] ** 2  # (G, 1) in the network's units
     keep = ((y - u) ** 2).sum(-1) <= KEEP * best_d + SLACK * knot2  # (G, B)
     s = torch.where(keep[..., None], s, near[..., None])
     y = torch.where(keep[..., None], y, best_y)
     d = model.padded(dist2).masked_fill(~model.active[..., None], float("inf"))  # (M, E, B)
     chart = d.argmin(1)  # (M, B)
     if prefer is not None and TIE > 0:  # within TIE knots of the nearest: the preferred chart
-        knot = model.padded(length[:, -1:] / (length.shape[1] - 1))[..., 0]  # (M, E)
         own = d.gather(1, prefer[:, None]).squeeze(1)  # (M, B)
-        tie = own <= d.gather(1, chart[:, None]).squeeze(1) + (TIE * knot.gather(1, prefer)) ** 2
+        reach = model.padded(TIE * knot)[..., 0].gather(1, prefer)  # (M, B)
+        tie = own <= d.gather(1, chart[:, None]).squeeze(1) + reach**2
         chart = torch.where(tie, prefer, chart)
     y = model.padded(y * scale + model.shift[g_m])  # (M, E, B, d)
     x_hat = y.gather(1, chart[:, None, :, None].expand(-1, 1, -1, y.shape[-1]))[:, 0]
@@ -182,7 +183,7 @@ def smooth(model, x: torch.Tensor, s: torch.Tensor, dist2: torch.Tensor) -> torc
     code, length = model.arc_code[g_m, g_e], model.arc_length[g_m, g_e]  # (G, T)
     y = model.decoder(code[..., None]) * model.scale[g_m] + model.shift[g_m]  # (G, T, d)
     end = length[:, -1:]  # (G, 1)
-    h = (dist2 + (SMOOTH * end / (length.shape[1] - 1)) ** 2).sqrt()  # (G, B)
+    h = (dist2 + (SMOOTH * knot_length(length)) ** 2).sqrt()  # (G, B)
     offsets = torch.linspace(-REACH, REACH, SAMPLES, dtype=s.dtype, device=s.device)
     xg = x[g_m]  # (G, B, d)
     (G, B), d = s.shape, y.shape[-1]
@@ -195,6 +196,11 @@ def smooth(model, x: torch.Tensor, s: torch.Tensor, dist2: torch.Tensor) -> torc
         w = torch.exp(-(d2 - d2.amin(-1, keepdim=True)) / (2 * h[:, a:a + chunk, None] ** 2))
         out[:, a:a + chunk] = (w * sk).sum(-1) / w.sum(-1)
     return torch.minimum(out.clamp_min(0.0), end)
+
+
+def knot_length(length: torch.Tensor) -> torch.Tensor:
+    """Each chart's arc length between neighbouring knots, from its table (G, T): (G, 1)."""
+    return length[:, -1:] / (length.shape[1] - 1)
 
 
 def raw_codes(model, s: torch.Tensor) -> torch.Tensor:
