@@ -30,9 +30,14 @@ def test_design_example_and_shapes():
     Z = est.transform(X)
     assert Z.shape == (300, 2)
     assert set(np.unique(Z[:, 0])) <= {0.0, 1.0, 2.0, 3.0}
-    # a curve's codes are arc length in data units, from 0 up to its chart's traced length
-    ends = est.model_.arc_length[0, :, -1].numpy()
-    assert np.all((Z[:, 1] >= 0) & (Z[:, 1] <= ends[Z[:, 0].astype(int)]))
+    # a curve's codes are arc length in data units, from 0 up to its chart's traced length,
+    # and a little beyond both ends (the chart's straight ends, moeae.arclength.EXTEND)
+    from moeae.arclength import reach
+
+    first, last = (r[:, 0].numpy() for r in reach(est.model_))
+    c = Z[:, 0].astype(int)
+    assert np.all((Z[:, 1] >= first[c]) & (Z[:, 1] <= last[c]))
+    assert np.all(first < 0) and np.all(last > est.model_.arc_length[0, :, -1].numpy())
     plain = MoEAutoencoder(n_experts=4, epochs=3, isometric=False, random_state=0).fit(X)
     assert not plain.model_.arc and np.all(np.abs(plain.transform(X)[:, 1]) <= 1.0)  # tanh
     assert est.inverse_transform(Z).shape == (300, 2)

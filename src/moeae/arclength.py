@@ -1,12 +1,16 @@
 """Arc-length charts for curves: codes that keep lengths exactly.
 
 A curve's chart is isometric when its code moves at constant speed along the curve. After
-training, each chart's decoder is traced over the codes its points use (a little beyond), and
-the arc length along the traced curve, as a function of the network's code ``u``, becomes a
-monotone table ``s(u)`` (:func:`tables`). A point is then coded by *projection* (:func:`project`):
+training, each chart's decoder is traced over the codes its points use, and the arc length
+along the traced curve, as a function of the network's code ``u``, becomes a monotone table
+``s(u)`` (:func:`tables`). Beyond its ends a chart goes on straight, along its end segment, for
+``EXTEND`` of its code range (:func:`extended`): past its last points the decoder is untrained
+and may hook back (an open curve's end, or a test point a little beyond the training sample's),
+where a straight end continues the curve. A point is then coded by *projection*
+(:func:`project`):
 
 - every chart's encoder gives a first code, refined by Gauss-Newton steps to the nearest point
-  of that chart's curve (within its traced range);
+  of that chart's curve (within its traced range, or on its straight ends);
 - the chart whose curve passes nearest the point is its chart (the router's, where its curve
   passes within ``TIE`` knots of the nearest);
 - its code is the arc length ``s(u)`` of that nearest point, in data units, smoothed
@@ -18,7 +22,7 @@ The ``best`` recipe codes every curve so (``TrainConfig.arc_length``): the decod
 point reconstructs 2-7 times closer than the decoder at the encoder's code (docs/recipes.md,
 session 16), at about eight times the encoding time.
 
-Decoding inverts the table (``u(s)``) and runs the decoder. Measured on one fit of the figure-8
+Decoding inverts the table (``u(s)``) and runs the decoder (straight beyond its ends). Measured on one fit of the figure-8
 (2 charts, seed 0, 1000 training points, 1000-point test grid): the worst chart's speed CV is
 0.042 with projection and the nearest chart, and 0.007 smoothed; the encoder's own codes put
 through the table gave about twice the projection's CV, and unmapped about five times. A
@@ -40,11 +44,17 @@ import torch
 
 from .geometry import stacked_jvp
 
-__all__ = ["KNOTS", "PAD", "STEPS", "SMOOTH", "KEEP", "SLACK", "TIE", "interp", "tables", "project",
-           "smooth", "knot_length", "raw_codes", "network_codes"]
+__all__ = ["KNOTS", "EXTEND", "STEPS", "SMOOTH", "KEEP", "SLACK", "TIE", "interp", "tables", "project",
+           "smooth", "knot_length", "raw_codes", "network_codes", "reach", "ends", "extended"]
 
 KNOTS = 1025  #: knots of each chart's table (the decoder is traced at these codes)
-PAD = 0.05  #: the traced range reaches this fraction of a chart's code range beyond its points
+#: Each straight end reaches this fraction of the chart's code range beyond its points. The
+#: decoder traced as far beyond (session 16) hooked back past the spiral's outer end, where a
+#: test point beyond the training sample's last one was coded at the hook (one pair at speed
+#: 0.02-0.3: a chart CV of 0.07-0.1), and at its centre the encoders' folded codes left the
+#: decoder short of the end. 20 seeds, worst chart speed CV <= 0.05: spiral 12 -> 19, figure-8
+#: 19 -> 20, circle 20 -> 20 (docs/recipes.md, session 17)
+EXTEND = 0.05
 STEPS = 3  #: Gauss-Newton steps of a projection (3 and 20 gave the same codes to 4 digits of
 #:            the speed CV and hard FVU on the circle, figure-8 and spiral, seed 0)
 SMOOTH = 4.0  #: the least width of the smoothing kernel, in knots (the chart's length / 256)
@@ -83,8 +93,8 @@ def tables(model, x: torch.Tensor, chart: torch.Tensor,
     """Each chart's table from its points: x (M, n, d) and their charts (M, n) ->
     (codes, arc lengths), each (M, E, knots).
 
-    A chart's codes span its points' encoder codes, ``PAD`` beyond on each side (all points'
-    codes for a chart with fewer than two points); arc length is the summed chord of the
+    A chart's codes span its points' encoder codes (all points' codes for a chart with fewer
+    than two points); beyond them the chart is straight (:func:`extended`); arc length is the summed chord of the
     decoder traced at the knots, in data units, from 0 at the first knot."""
     if model.cfg.latent_dim != 1:
         raise ValueError(f"arc-length charts need latent_dim 1 (a curve), "
@@ -98,7 +108,7 @@ def tables(model, x: torch.Tensor, chart: torch.Tensor,
     hi = torch.where(own, z, -float("inf")).amax(1)
     span = (hi - lo).clamp_min(1e-6)
     steps = torch.linspace(0.0, 1.0, knots, dtype=z.dtype, device=z.device)
-    code = (lo - PAD * span)[:, None] + ((1 + 2 * PAD) * span)[:, None] * steps  # (G, T)
+    code = lo[:, None] + span[:, None] * steps  # (G, T)
     y = model.decoder(code[..., None]) * model.scale[model.expert_model]  # (G, T, d)
     chord = (y[:, 1:] - y[:, :-1]).norm(dim=-1)  # (G, T - 1)
     s = torch.cat([chord.new_zeros(len(chord), 1), chord.cumsum(1)], 1)
@@ -120,8 +130,9 @@ def project(model, x: torch.Tensor, steps: int = STEPS, prefer: torch.Tensor | N
     Returns ``(chart, x_hat, s, dist2)``: the nearest active chart (M, B) (or ``prefer``'s, the
     router's, where that passes within :data:`TIE` knots of the nearest), its decoding of the
     point's code (M, B, d), every chart's arc-length code (G, B, 1) and squared distance (G, B) in
-    data units. Gauss-Newton from each encoder's code, kept within the chart's traced range;
-    the best code any step reached gives the distance, and the arc length at it, smoothed
+    data units. Gauss-Newton from each encoder's code, kept within the chart's traced range,
+    then the nearest point on each straight end (:func:`extended`) where that is nearer; the
+    best code any step reached gives the distance, and the arc length at it, smoothed
     (:func:`smooth`) where that decodes near the point (:data:`KEEP`), the code; ``x_hat``
     decodes that code."""
     g_m, g_e = model.expert_model, model.expert_slot
@@ -145,11 +156,22 @@ def project(model, x: torch.Tensor, steps: int = STEPS, prefer: torch.Tensor | N
             break
         step = (jv * r).sum(-1) / (jv**2).sum(-1).clamp_min(1e-30)
         z = torch.minimum(torch.maximum(z - step, lo), hi)
+    # the straight ends: the nearest point of each, where nearer than the traced curve's
+    _, _, y_lo, v_lo, y_hi, v_hi = ends(model)
+    reach = EXTEND * (hi - lo)  # (G, 1)
+    for y0, v, end, sign in ((y_hi, v_hi, hi, 1.0), (y_lo, v_lo, lo, -1.0)):
+        a = ((u - y0[:, None]) * v[:, None]).sum(-1) / (v**2).sum(-1).clamp_min(1e-30)[:, None]
+        a = torch.minimum((sign * a).clamp_min(0.0), reach)  # (G, B) beyond this end only
+        yr = y0[:, None] + (sign * a)[..., None] * v[:, None]
+        d2 = ((yr - u) ** 2).sum(-1)
+        better = (d2 < best_d) & (a > 0)
+        best_z, best_d = torch.where(better, end + sign * a, best_z), torch.where(better, d2, best_d)
+        best_y = torch.where(better[..., None], yr, best_y)
     scale = model.scale[g_m]  # (G, 1, 1)
     dist2 = best_d * scale[..., 0] ** 2  # (G, B) in data units
     near = interp(best_z, code, length)  # (G, B): the nearest point's arc length
     s = smooth(model, x, near, dist2)[..., None]  # (G, B, 1)
-    y = model.decoder(raw_codes(model, s))  # (G, B, d)
+    y = extended(model, raw_codes(model, s))  # (G, B, d)
     # the smoothed code only where it decodes near the point (not across a cusp's tip)
     knot = knot_length(length)  # (G, 1) in data units
     knot2 = knot**2 / scale[..., 0] ** 2  # (G, 1) in the network's units
@@ -178,11 +200,11 @@ def smooth(model, x: torch.Tensor, s: torch.Tensor, dist2: torch.Tensor) -> torc
     the curve keeps its nearest point's code (the kernel is symmetric where the curve is
     straight at its scale), and a point beside a kink of the decoder's curve, where the nearest
     point jumps from one side of the kink to the other, is coded by a mean that moves
-    smoothly. Kept within the traced range."""
+    smoothly. Kept within the traced range and its straight ends."""
     g_m, g_e = model.expert_model, model.expert_slot
     code, length = model.arc_code[g_m, g_e], model.arc_length[g_m, g_e]  # (G, T)
     y = model.decoder(code[..., None]) * model.scale[g_m] + model.shift[g_m]  # (G, T, d)
-    end = length[:, -1:]  # (G, 1)
+    first, last = reach(model)  # (G, 1) each
     h = (dist2 + (SMOOTH * knot_length(length)) ** 2).sqrt()  # (G, B)
     offsets = torch.linspace(-REACH, REACH, SAMPLES, dtype=s.dtype, device=s.device)
     xg = x[g_m]  # (G, B, d)
@@ -195,7 +217,41 @@ def smooth(model, x: torch.Tensor, s: torch.Tensor, dist2: torch.Tensor) -> torc
         d2 = ((yk - xg[:, a:a + chunk, None]) ** 2).sum(-1)  # (G, b, K)
         w = torch.exp(-(d2 - d2.amin(-1, keepdim=True)) / (2 * h[:, a:a + chunk, None] ** 2))
         out[:, a:a + chunk] = (w * sk).sum(-1) / w.sum(-1)
-    return torch.minimum(out.clamp_min(0.0), end)
+    return torch.minimum(torch.maximum(out, first), last)
+
+
+def reach(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each chart's codes with its straight ends, in arc length: ``(first, last)``, each (G, 1):
+    ``-EXTEND`` and ``1 + EXTEND`` of its code range, the table's 0 and length inside."""
+    g_m, g_e = model.expert_model, model.expert_slot
+    code, length = model.arc_code[g_m, g_e], model.arc_length[g_m, g_e]  # (G, T)
+    lo, hi = code[:, :1], code[:, -1:]
+    out = EXTEND * (hi - lo)
+    return interp(lo - out, code, length), interp(hi + out, code, length)
+
+
+def ends(model) -> tuple[torch.Tensor, ...]:
+    """Each chart's ends: codes ``lo``, ``hi`` (G, 1), and the decoder's points (G, d) and
+    velocities (G, d) there, the velocity that of the end segment of its table (network
+    units): ``(lo, hi, y_lo, v_lo, y_hi, v_hi)``."""
+    g_m, g_e = model.expert_model, model.expert_slot
+    code = model.arc_code[g_m, g_e]  # (G, T)
+    c = torch.stack([code[:, 0], code[:, 1], code[:, -2], code[:, -1]], 1)  # (G, 4)
+    y = model.decoder(c[..., None])  # (G, 4, d)
+    v_lo = (y[:, 1] - y[:, 0]) / (c[:, 1] - c[:, 0]).clamp_min(1e-30)[:, None]
+    v_hi = (y[:, 3] - y[:, 2]) / (c[:, 3] - c[:, 2]).clamp_min(1e-30)[:, None]
+    return c[:, :1], c[:, 3:], y[:, 0], v_lo, y[:, 3], v_hi
+
+
+def extended(model, z: torch.Tensor) -> torch.Tensor:
+    """The decoders at the network's codes z (G, B, 1), in network units (G, B, d): each
+    straight beyond its table's ends, along its end segment (the arc length that
+    :func:`interp` extends the table by)."""
+    lo, hi, y_lo, v_lo, y_hi, v_hi = ends(model)
+    zc = torch.minimum(torch.maximum(z[..., 0], lo), hi)  # (G, B)
+    over = (z[..., 0] - zc)[..., None]  # (G, B, 1): beyond an end (signed)
+    v = torch.where(over > 0, v_hi[:, None], v_lo[:, None])  # (G, B, d)
+    return model.decoder(zc[..., None]) + over * v
 
 
 def knot_length(length: torch.Tensor) -> torch.Tensor:

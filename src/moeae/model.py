@@ -355,11 +355,12 @@ class MoEAE(nn.Module):
     def decode(self, chart: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Hard decoding: chart (M, B) long, z (M, B, k) -> x (M, B, d) from that chart only."""
         zg = z[self.expert_model]  # (G, B, k): every decoder decodes every point ...
-        if self.arc:  # arc length -> the network's code, each chart by its own table
-            from .arclength import raw_codes
+        if self.arc:  # arc length -> the network's code, each chart by its own table, and
+            from .arclength import extended, raw_codes  # straight beyond its ends
 
-            zg = raw_codes(self, zg)
-        vg = self.decoder(zg)  # (G, B, d)
+            vg = extended(self, raw_codes(self, zg))  # (G, B, d)
+        else:
+            vg = self.decoder(zg)
         y = self.padded(vg * self.scale[self.expert_model] + self.shift[self.expert_model])
         idx = chart[:, None, :, None].expand(-1, 1, -1, y.shape[-1])  # ... and the chart picks
         return y.gather(1, idx)[:, 0]  # (M, B, d)
