@@ -11,7 +11,17 @@ import torch
 
 from moeae import MoEAutoencoder
 from moeae import datasets as ds
-from moeae.arclength import EXTEND, KNOTS, SMOOTH, TIE, extended, interp, network_codes, reach, smooth
+from moeae.arclength import (
+    EXTEND,
+    KNOTS,
+    SMOOTH,
+    TIE,
+    extended,
+    interp,
+    network_codes,
+    reach,
+    smooth,
+)
 from moeae.geometry import speed_cv
 from moeae.model import MoEAE
 
@@ -71,9 +81,9 @@ def test_codes_move_at_unit_speed_along_the_curve(arc_fit):
 
 def test_projection_takes_the_nearest_chart_and_reconstructs_near_the_nearest_point(arc_fit):
     """Each point's chart is the one whose decoder, traced densely over its table's range
-    and straight ends (brute force), passes nearest, or one passing within TIE knots of that (the router's, in
-    an overlap); its reconstruction (the decoding of its smoothed code) lies within 2% of the
-    smoothing kernel's least width of that chart's nearest point."""
+    and straight ends (brute force), passes nearest, or one passing within TIE knots of that
+    (the router's, in an overlap); its reconstruction (the decoding of its smoothed code) lies
+    within 2% of the smoothing kernel's least width of that chart's nearest point."""
     m = arc_fit.model_
     Xt, _ = ds.make_circle(200, grid=True)
     codes = arc_fit.transform(Xt)

@@ -22,8 +22,9 @@ The ``best`` recipe codes every curve so (``TrainConfig.arc_length``): the decod
 point reconstructs 2-7 times closer than the decoder at the encoder's code (docs/recipes.md,
 session 16), at about eight times the encoding time.
 
-Decoding inverts the table (``u(s)``) and runs the decoder (straight beyond its ends). Measured on one fit of the figure-8
-(2 charts, seed 0, 1000 training points, 1000-point test grid): the worst chart's speed CV is
+Decoding inverts the table (``u(s)``) and runs the decoder (straight beyond its ends).
+Measured on one fit of the figure-8 (2 charts, seed 0, 1000 training points, 1000-point test
+grid): the worst chart's speed CV is
 0.042 with projection and the nearest chart, and 0.007 smoothed; the encoder's own codes put
 through the table gave about twice the projection's CV, and unmapped about five times. A
 piecewise-linear (ReLU) encoder's speed changes from one linear piece to the next, which
@@ -44,8 +45,9 @@ import torch
 
 from .geometry import stacked_jvp
 
-__all__ = ["KNOTS", "EXTEND", "STEPS", "SMOOTH", "KEEP", "SLACK", "TIE", "interp", "tables", "project",
-           "smooth", "knot_length", "raw_codes", "network_codes", "reach", "ends", "extended"]
+__all__ = ["KNOTS", "EXTEND", "STEPS", "SMOOTH", "KEEP", "SLACK", "TIE", "interp", "tables",
+           "project", "smooth", "knot_length", "raw_codes", "network_codes", "reach", "ends",
+           "extended"]
 
 KNOTS = 1025  #: knots of each chart's table (the decoder is traced at these codes)
 #: Each straight end reaches this fraction of the chart's code range beyond its points. The
@@ -94,8 +96,8 @@ def tables(model, x: torch.Tensor, chart: torch.Tensor,
     (codes, arc lengths), each (M, E, knots).
 
     A chart's codes span its points' encoder codes (all points' codes for a chart with fewer
-    than two points); beyond them the chart is straight (:func:`extended`); arc length is the summed chord of the
-    decoder traced at the knots, in data units, from 0 at the first knot."""
+    than two points); beyond them the chart is straight (:func:`extended`); arc length is the
+    summed chord of the decoder traced at the knots, in data units, from 0 at the first knot."""
     if model.cfg.latent_dim != 1:
         raise ValueError(f"arc-length charts need latent_dim 1 (a curve), "
                          f"got {model.cfg.latent_dim}")
@@ -165,7 +167,8 @@ def project(model, x: torch.Tensor, steps: int = STEPS, prefer: torch.Tensor | N
         yr = y0[:, None] + (sign * a)[..., None] * v[:, None]
         d2 = ((yr - u) ** 2).sum(-1)
         better = (d2 < best_d) & (a > 0)
-        best_z, best_d = torch.where(better, end + sign * a, best_z), torch.where(better, d2, best_d)
+        best_z = torch.where(better, end + sign * a, best_z)
+        best_d = torch.where(better, d2, best_d)
         best_y = torch.where(better[..., None], yr, best_y)
     scale = model.scale[g_m]  # (G, 1, 1)
     dist2 = best_d * scale[..., 0] ** 2  # (G, B) in data units
