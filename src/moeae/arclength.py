@@ -160,10 +160,10 @@ def project(model, x: torch.Tensor, steps: int = STEPS, prefer: torch.Tensor | N
         z = torch.minimum(torch.maximum(z - step, lo), hi)
     # the straight ends: the nearest point of each, where nearer than the traced curve's
     _, _, y_lo, v_lo, y_hi, v_hi = ends(model)
-    reach = EXTEND * (hi - lo)  # (G, 1)
+    room = EXTEND * (hi - lo)  # (G, 1): each straight end's length in codes
     for y0, v, end, sign in ((y_hi, v_hi, hi, 1.0), (y_lo, v_lo, lo, -1.0)):
         a = ((u - y0[:, None]) * v[:, None]).sum(-1) / (v**2).sum(-1).clamp_min(1e-30)[:, None]
-        a = torch.minimum((sign * a).clamp_min(0.0), reach)  # (G, B) beyond this end only
+        a = torch.minimum((sign * a).clamp_min(0.0), room)  # (G, B) beyond this end only
         yr = y0[:, None] + (sign * a)[..., None] * v[:, None]
         d2 = ((yr - u) ** 2).sum(-1)
         better = (d2 < best_d) & (a > 0)
