@@ -1,6 +1,7 @@
-"""Plane curves never used while tuning the recipe, at default settings with ``n_experts="auto"``.
+"""Curves and surfaces never used while tuning the recipe, at default settings with
+``n_experts="auto"``.
 
-    python benchmarks/never_tuned.py [--only NAME ...] [--seeds 1]
+    python benchmarks/never_tuned.py [--only NAME ...] [--seeds 1] [--surfaces]
 
 Cusps (cardioid, astroid, deltoid, nephroid, an epicycloid), branches crossing at one point
 (roses with 3 and 4 petals), several crossings (the trefoil's outline) and smooth closed
@@ -9,6 +10,11 @@ training points uniformly in the curve's parameter and is tested on the even 100
 (one torch thread). Printed per fit: charts in use, fit time (the choice of charts included),
 hard FVU, and the worst test point's distance from its hard reconstruction, in data units and
 beside the curve's RMS radius.
+
+``--surfaces``: instead, surfaces (an ellipsoid 3:2:1, a saddle, a hemisphere, a Gaussian bump,
+the Clifford torus in 4-D), each fitted on 2000 points drawn from the seed and tested on 2000
+new ones; printed: charts, fit time, hard FVU, the mean and worst test point's distance from its
+hard reconstruction over the surface's RMS radius, and ``orientable()`` for the closed ones.
 """
 
 from __future__ import annotations
@@ -50,15 +56,72 @@ CURVES = {  # name: (x(t) for t of shape (n,) -> (n, 2), the parameter's period)
 }
 
 
+def _ellipsoid(rng, n):
+    v = rng.standard_normal((n, 3))
+    return v / np.linalg.norm(v, axis=1, keepdims=True) * [3.0, 2.0, 1.0]
+
+
+def _square(f):  # a graph z = f(u, v) over the square [-1, 1]^2
+    def draw(rng, n):
+        u, v = rng.uniform(-1, 1, (2, n))
+        return np.c_[u, v, f(u, v)]
+    return draw
+
+
+def _hemisphere(rng, n):
+    v = rng.standard_normal((n, 3))
+    v[:, 2] = np.abs(v[:, 2])
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _clifford(rng, n):
+    a, b = rng.uniform(0, 2 * np.pi, (2, n))
+    return np.c_[np.cos(a), np.sin(a), np.cos(b), np.sin(b)] / np.sqrt(2)
+
+
+SURFACES = {  # name: (draw(rng, n) -> (n, D), closed)
+    "ellipsoid": (_ellipsoid, True),
+    "saddle": (_square(lambda u, v: u**2 - v**2), False),
+    "hemisphere": (_hemisphere, False),
+    "gaussian-bump": (_square(lambda u, v: np.exp(-2 * (u**2 + v**2))), False),
+    "clifford-torus": (_clifford, True),  # flat torus in 4-D
+}
+
+
+def surfaces(names, seeds: int) -> None:
+    print(f"{'surface':16s} {'seed':>4s} {'charts':>6s} {'fit s':>6s} {'hard FVU':>9s} "
+          f"{'mean dist':>9s} {'worst dist':>10s} {'orientable':>10s}   (distances over the "
+          f"RMS radius)")
+    for name in names:
+        draw, closed = SURFACES[name]
+        for seed in range(seeds):
+            X = draw(np.random.default_rng(seed), 2000)
+            X_te = draw(np.random.default_rng(seed + 100), 2000)
+            radius = float(np.sqrt(((X_te - X_te.mean(0)) ** 2).sum(1).mean()))
+            t = time.perf_counter()
+            est = MoEAutoencoder(n_experts="auto", latent_dim=2, random_state=seed).fit(X)
+            sec = time.perf_counter() - t
+            dist = np.linalg.norm(est.inverse_transform(est.transform(X_te)) - X_te, axis=1)
+            orient = str(est.orientable()) if closed else ""
+            print(f"{name:16s} {seed:4d} {est.n_charts_:6d} {sec:6.1f} "
+                  f"{est.reconstruction_error(X_te, 'hard'):9.2e} {dist.mean() / radius:9.1e} "
+                  f"{dist.max() / radius:10.1e} {orient:>10s}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", nargs="*", default=None, choices=list(CURVES), metavar="NAME")
+    ap.add_argument("--only", nargs="*", default=None, choices=list(CURVES) + list(SURFACES),
+                    metavar="NAME")
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--surfaces", action="store_true", help="the surfaces instead of curves")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.surfaces:
+        surfaces([n for n in args.only or SURFACES if n in SURFACES], args.seeds)
+        return
     print(f"{'curve':16s} {'seed':>4s} {'charts':>6s} {'fit s':>6s} {'hard FVU':>9s} "
           f"{'worst dist':>10s} {'RMS radius':>10s}")
-    for name in args.only or CURVES:
+    for name in [n for n in args.only or CURVES if n in CURVES]:
         x, period = CURVES[name]
         X_te = x(np.linspace(0, period, 1000, endpoint=False))
         radius = float(np.sqrt(((X_te - X_te.mean(0)) ** 2).sum(1).mean()))
