@@ -52,21 +52,23 @@ def stacked_jvp(mlp: StackedMLP, x: torch.Tensor, v: torch.Tensor) -> tuple[torc
     """Output and Jacobian-vector product of every group of a stacked MLP, in one pass.
 
     x (G, B, in), v (G, B, in) -> (y, J v), each (G, B, out). The tangent travels with the
-    input through every layer (forward-mode differentiation written out: one batched matmul for
-    both), so the result is differentiable by ordinary autograd. Measured on one core for 8
-    decoders of 100 x 4 and 64 points, forward and backward: 14 ms against 23 ms for
-    ``torch.func.jvp``, with identical values.
+    input through every layer (forward-mode differentiation written out), so the result is
+    differentiable by ordinary autograd. Measured on one core for 8 decoders of 100 x 4 and 64
+    points, forward and backward: 14 ms against 23 ms for ``torch.func.jvp``, with identical
+    values. Points and tangents take a product each per layer, the points' the forward pass's
+    own (so ``y`` equals it bit for bit): one product of the two stacked cost a copy of both
+    per layer (4 decoders, 20,000 points, float64: 0.65-0.89 of the time without the copies;
+    8 decoders, 64 points, forward and backward: 0.77-1.06).
     """
-    B = x.shape[1]
-    h = torch.cat([x, v], 1)  # (G, 2B, in): the points, then their tangents
     deriv = _DERIV[_name(mlp)]
     *hidden, last = [cast(StackedLinear, layer) for layer in mlp.layers]
+    h, t = x, v
     for layer in hidden:
-        a = torch.bmm(h, layer.weight)  # (G, 2B, width)
-        pre = a[:, :B] + layer.bias  # the tangent gets no bias
-        h = torch.cat([mlp.hidden(pre), a[:, B:] * deriv(pre)], 1)
-    y = torch.baddbmm(last.bias, h[:, :B], last.weight)
-    jv = torch.bmm(h[:, B:], last.weight)  # (G, B, out)
+        pre = torch.baddbmm(layer.bias, h, layer.weight)  # (G, B, width)
+        t = torch.bmm(t, layer.weight) * deriv(pre)  # the tangent gets no bias
+        h = mlp.hidden(pre)
+    y = torch.baddbmm(last.bias, h, last.weight)
+    jv = torch.bmm(t, last.weight)  # (G, B, out)
     if mlp.activation == "tanh":
         y = torch.tanh(y)
         jv = jv * (1 - y**2)
