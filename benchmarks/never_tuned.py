@@ -4,15 +4,17 @@
     python benchmarks/never_tuned.py [--only NAME ...] [--seeds 1] [--surfaces]
 
 Cusps (cardioid, astroid, deltoid, nephroid, an epicycloid), branches crossing at one point
-(roses with 3 and 4 petals), several crossings (the trefoil's outline) and smooth closed
-curves of uneven curvature (the lemniscate of Bernoulli, a superellipse). Each seed draws 1000
+(roses with 3 and 4 petals), several crossings (the trefoil's outline), smooth closed
+curves of uneven curvature (the lemniscate of Bernoulli, a superellipse), and in space a (3, 5)
+torus knot, Viviani's curve and a wiggly circle turned into 50-D. Each seed draws 1000
 training points uniformly in the curve's parameter and is tested on the even 1000-point grid
 (one torch thread). Printed per fit: charts in use, fit time (the choice of charts included),
 hard FVU, and the worst test point's distance from its hard reconstruction, in data units and
 beside the curve's RMS radius.
 
 ``--surfaces``: instead, surfaces (an ellipsoid 3:2:1, a saddle, a hemisphere, a Gaussian bump,
-the Clifford torus in 4-D), each fitted on 2000 points drawn from the seed and tested on 2000
+the Clifford torus in 4-D, a cylinder, a cone without its apex, a paraboloid, a sphere turned
+into 10-D), each fitted on 2000 points drawn from the seed and tested on 2000
 new ones; printed: charts, fit time, hard FVU, the mean and worst test point's distance from its
 hard reconstruction over the surface's RMS radius, and ``orientable()`` for the closed ones.
 """
@@ -30,6 +32,12 @@ from moeae import MoEAutoencoder
 
 def _polar(r):
     return lambda t: np.c_[r(t) * np.cos(t), r(t) * np.sin(t)]
+
+
+def _rotated(X, D, seed=42):
+    """X (n, k) padded with zeros to D columns and turned by a fixed random rotation."""
+    Q = np.linalg.qr(np.random.default_rng(seed).standard_normal((D, D)))[0]
+    return np.c_[X, np.zeros((len(X), D - X.shape[1]))] @ Q
 
 
 def _superellipse(t, p=4.0):
@@ -53,6 +61,13 @@ CURVES = {  # name: (x(t) for t of shape (n,) -> (n, 2), the parameter's period)
     "lemniscate": (lambda t: np.c_[np.cos(t), np.sin(t) * np.cos(t)]
                    / (1 + np.sin(t) ** 2)[:, None], 2 * np.pi),
     "superellipse": (_superellipse, 2 * np.pi),  # |x|^4 + |y|^4 = 1
+    # in space
+    "torus-knot-3-5": (lambda t: np.c_[(2 + np.cos(5 * t)) * np.cos(3 * t),
+                                       (2 + np.cos(5 * t)) * np.sin(3 * t), -np.sin(5 * t)],
+                       2 * np.pi),
+    "viviani": (lambda t: np.c_[1 + np.cos(t), np.sin(t), 2 * np.sin(t / 2)], 4 * np.pi),
+    "wiggly-circle-50d": (lambda t: _rotated(np.c_[np.cos(t), np.sin(t), 0.3 * np.cos(3 * t),
+                                                   0.3 * np.sin(5 * t)], 50), 2 * np.pi),
 }
 
 
@@ -79,12 +94,31 @@ def _clifford(rng, n):
     return np.c_[np.cos(a), np.sin(a), np.cos(b), np.sin(b)] / np.sqrt(2)
 
 
+def _cylinder(rng, n):
+    a, h = rng.uniform(0, 2 * np.pi, n), rng.uniform(-1, 1, n)
+    return np.c_[np.cos(a), np.sin(a), h]
+
+
+def _cone(rng, n):  # its apex cut away: radius 0.3 to 1, uniform in area
+    a, r = rng.uniform(0, 2 * np.pi, n), np.sqrt(rng.uniform(0.09, 1, n))
+    return np.c_[r * np.cos(a), r * np.sin(a), r]
+
+
+def _sphere_10d(rng, n):
+    v = rng.standard_normal((n, 3))
+    return _rotated(v / np.linalg.norm(v, axis=1, keepdims=True), 10, seed=7)
+
+
 SURFACES = {  # name: (draw(rng, n) -> (n, D), closed)
     "ellipsoid": (_ellipsoid, True),
     "saddle": (_square(lambda u, v: u**2 - v**2), False),
     "hemisphere": (_hemisphere, False),
     "gaussian-bump": (_square(lambda u, v: np.exp(-2 * (u**2 + v**2))), False),
     "clifford-torus": (_clifford, True),  # flat torus in 4-D
+    "cylinder": (_cylinder, False),
+    "cone": (_cone, False),
+    "paraboloid": (_square(lambda u, v: u**2 + v**2), False),
+    "sphere-10d": (_sphere_10d, True),
 }
 
 
