@@ -58,7 +58,9 @@ KNOTS = 1025  #: knots of each chart's table (the decoder is traced at these cod
 #: 19 -> 20, circle 20 -> 20 (docs/recipes.md, session 17)
 EXTEND = 0.05
 STEPS = 3  #: Gauss-Newton steps of a projection (3 and 20 gave the same codes to 4 digits of
-#:            the speed CV and hard FVU on the circle, figure-8 and spiral, seed 0)
+#:            the speed CV and hard FVU on the circle, figure-8 and spiral, seed 0; 2 the same
+#:            on their grids, but an epicycloid's points (seed 1) 18 of 5000 in another chart,
+#:            one 0.07 further from its reconstruction, and noisy points further: session 18)
 SMOOTH = 4.0  #: the least width of the smoothing kernel, in knots (the chart's length / 256)
 #: A smoothed code is kept where it decodes at most sqrt(KEEP) times as far from the point as
 #: its nearest point does, plus sqrt(SLACK) knots; else the nearest point's code. Beside a kink
