@@ -20,7 +20,7 @@ where a straight end continues the curve. A point is then coded by *projection*
 
 The ``best`` recipe codes every curve so (``TrainConfig.arc_length``): the decoder's nearest
 point reconstructs 2-7 times closer than the decoder at the encoder's code (docs/recipes.md,
-session 16), at about eight times the encoding time.
+session 16), at about six times the encoding time.
 
 Decoding inverts the table (``u(s)``) and runs the decoder (straight beyond its ends).
 Measured on one fit of the figure-8 (2 charts, seed 0, 1000 training points, 1000-point test

@@ -82,7 +82,7 @@ class MoEAutoencoder(TransformerMixin, BaseEstimator):
         (:mod:`moeae.arclength`), each code the arc length in data units to the nearest point
         of the nearest chart's curve (smoothed along it); the ``best`` recipe codes curves so
         by default (None), and True or any weight > 0 asks for it under any recipe. False:
-        the encoders' own codes (tanh, in [-1, 1]), which encode about eight times faster than
+        the encoders' own codes (tanh, in [-1, 1]), which encode about six times faster than
         projection but reconstruct 2-7 times less closely.
         Surfaces: training terms (:mod:`moeae.geometry`) by which each decoder keeps lengths up
         to one scale per chart (``J^T J = s_e^2 I``), with a folding guard keeping its stretch
