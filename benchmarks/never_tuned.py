@@ -45,7 +45,7 @@ def _superellipse(t, p=4.0):
     return np.c_[np.sign(c) * np.abs(c) ** (2 / p), np.sign(s) * np.abs(s) ** (2 / p)]
 
 
-CURVES = {  # name: (x(t) for t of shape (n,) -> (n, 2), the parameter's period)
+CURVES = {  # name: (x(t) for t of shape (n,) -> (n, D), the parameter's period)
     "cardioid": (_polar(lambda t: 1 - np.cos(t)), 2 * np.pi),  # 1 cusp
     "astroid": (lambda t: np.c_[np.cos(t) ** 3, np.sin(t) ** 3], 2 * np.pi),  # 4 cusps
     "deltoid": (lambda t: np.c_[2 * np.cos(t) + np.cos(2 * t),
